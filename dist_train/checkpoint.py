@@ -1,0 +1,90 @@
+"""Atomic files and checkpoints.
+
+Every file is written to a temporary name in the same directory, flushed to disk and
+renamed over the target, so a killed job leaves either the old file or the new one,
+never a torn one. A checkpoint `step-00000123.pt` is followed by its checksum file
+`step-00000123.pt.sha256`; a checkpoint without a matching checksum (killed between
+the two, truncated, corrupted) is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_bytes(data: bytes):
+    """torch.load with weights_only=True: tensors and plain containers, never code."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{step:08d}.pt"
+    data = to_bytes(state)
+    atomic_write(path, data)
+    atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    for old in listing(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    return path
+
+
+def listing(directory: str | Path) -> list[Path]:
+    """Checkpoint files, oldest first."""
+    directory = Path(directory)
+    return sorted(directory.glob("step-*.pt")) if directory.is_dir() else []
+
+
+def read_verified(path: Path) -> dict:
+    """A checkpoint whose bytes match its checksum file, or UserError saying what is wrong."""
+    sums = path.with_name(path.name + ".sha256")
+    if not sums.exists():
+        raise UserError(f"checkpoint {path} has no checksum file (its write did not finish)")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sums.read_text().strip():
+        raise UserError(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
+    try:
+        return load_bytes(data)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise UserError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
+
+
+def latest(directory: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> dict | None:
+    """The newest checkpoint that verifies, skipping (and naming) bad ones; None if none."""
+    for path in reversed(listing(directory)):
+        try:
+            return read_verified(path)
+        except UserError as e:
+            warn(f"warning: {e}; trying the previous checkpoint")
+    return None

@@ -1,0 +1,289 @@
+"""Typed config: every key, its type, its default and what it means, in one table.
+
+A run's config is these defaults, overridden by a YAML file from `conf/`, overridden
+by `--set key=value` on the command line (values parsed as YAML: `0.05` is a float,
+`[64,64]` a list, `true` a bool). Anything unknown, mistyped or impossible raises a
+`ConfigError` naming the key, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import ConfigError
+
+OPTIONAL = "optional"  # marker: the key may be null
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: type | tuple  # int, float, bool, str, list (of ints), dict
+    default: Any
+    help: str
+    choices: tuple = ()
+    optional: bool = False
+    check: Callable[[Any], str | None] | None = None  # returns a problem, or None
+
+
+def _positive(v):
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def _non_negative(v):
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+def _fraction(v):
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+def _momentum(v):
+    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+def _positive_ints(v):
+    bad = [w for w in v if not isinstance(w, int) or isinstance(w, bool) or w <= 0]
+    return f"must be a list of positive integers, got {v}" if bad else None
+
+
+def _device(v):
+    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return f"must be auto, cpu, cuda or cuda:N, got {v!r}"
+
+
+def _target(v):
+    mod, sep, attr = v.partition(":")
+    return None if sep and mod and attr else f"must look like 'package.module:factory', got {v!r}"
+
+
+KEYS: tuple[Key, ...] = (
+    Key("seed", int, 0, "seeds model init, data order and synthetic data; same seed, same weights", check=_non_negative),
+    Key("device", str, "auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N", check=_device),
+    # model
+    Key("model.name", str, "mlp", "built-in model; ignored when model.target is set", ("perceptron", "mlp", "lenet")),
+    Key("model.hidden", list, [64], "hidden layer widths of the mlp", check=_positive_ints),
+    Key("model.outputs", int, None, "output width of a built-in model; null = from the data (classes or target width)",
+        optional=True, check=_positive),
+    Key("model.target", str, None, "user model as 'package.module:factory' returning a torch.nn.Module",
+        optional=True, check=_target),
+    Key("model.kwargs", dict, {}, "keyword arguments for model.target's factory"),
+    # data
+    Key("data.name", str, "digits", "built-in dataset or file format",
+        ("xor", "perceptron", "digits", "synthetic", "npz", "parquet")),
+    Key("data.path", str, None, "file for data.name npz (.npz or .npy of features) or parquet", optional=True),
+    Key("data.sampling", str, "shard", "shard: each worker shuffles its own fixed shard; global: each step is a "
+        "slice of one global permutation (same result as local mode)", ("shard", "global")),
+    Key("data.eval_fraction", float, 0.2, "fraction of rows held out for evaluation (chosen by seed)", check=_fraction),
+    Key("data.size", int, 10000, "synthetic: number of samples", check=_positive),
+    Key("data.classes", int, 10, "synthetic: number of classes", check=_positive),
+    Key("data.shape", list, [1, 28, 28], "synthetic: shape of one sample", check=_positive_ints),
+    Key("data.label_column", str, "label", "parquet: the label column; every other column is a feature"),
+    # train
+    Key("train.epochs", int, 10, "passes over the training rows", check=_positive),
+    Key("train.batch_size", int, 64, "global batch: samples per step summed over all workers", check=_positive),
+    Key("train.optimizer", str, "sgd", "optimizer", ("sgd", "adam")),
+    Key("train.lr", float, 0.1, "learning rate", check=_positive),
+    Key("train.momentum", float, 0.0, "sgd momentum", check=_momentum),
+    Key("train.weight_decay", float, 0.0, "L2 weight decay", check=_non_negative),
+    Key("train.loss", str, "cross_entropy", "loss, summed per sample then averaged over the global batch",
+        ("cross_entropy", "mse", "bce")),
+    Key("train.shuffle", bool, True, "reshuffle the order every epoch (seeded by seed, epoch, rank)"),
+    Key("train.log_every", int, 10, "write a metrics line every N steps (0: once per epoch)", check=_non_negative),
+    Key("train.target_loss", float, None, "stop once the globally averaged training loss of a step is <= this",
+        optional=True, check=_non_negative),
+    Key("train.max_steps", int, None, "stop after this many optimizer steps in all", optional=True, check=_positive),
+    # checkpoint
+    Key("checkpoint.every_steps", int, 0, "write a checkpoint every N steps (0: only at the end)", check=_non_negative),
+    Key("checkpoint.keep", int, 3, "how many checkpoints to keep", check=_positive),
+    # comm
+    Key("comm.timeout_s", float, 300.0, "seconds a collective may wait for a peer before the job fails",
+        check=_positive),
+    # spark
+    Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
+    Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",
+        check=_positive),
+)
+
+KEY_BY_NAME = {k.name: k for k in KEYS}
+SECTIONS = sorted({k.name.split(".")[0] for k in KEYS if "." in k.name})
+
+
+class Section(dict):
+    """A dict whose keys read as attributes: cfg.train.lr."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def defaults() -> dict[str, Any]:
+    return {k.name: _copy(k.default) for k in KEYS}
+
+
+def _copy(v):
+    return list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+
+
+def _nearest(name: str) -> str:
+    close = difflib.get_close_matches(name, list(KEY_BY_NAME) + SECTIONS, n=1, cutoff=0.6)
+    if not close and "." in name:  # a typo in the section or the leaf alone
+        leaf = name.rsplit(".", 1)[1]
+        close = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in KEY_BY_NAME], n=1, cutoff=0.75)
+        close = [k for k in KEY_BY_NAME if k.rsplit(".", 1)[-1] == close[0]][:1] if close else []
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        full = f"{prefix}{name}"
+        if full in KEY_BY_NAME or not isinstance(value, dict):
+            flat[full] = value
+        else:
+            if full not in SECTIONS:
+                raise ConfigError(full, f"unknown section{_nearest(full)}")
+            flat.update(_flatten(value, full + "."))
+    return flat
+
+
+def _check_type(key: Key, value: Any) -> Any:
+    if value is None:
+        if key.optional:
+            return None
+        raise ConfigError(key.name, "must not be null")
+    want = key.type
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, want) and not (want in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(key.name, f"must be {_type_name(want)}, got {type(value).__name__} {value!r}")
+    if want is float and not math.isfinite(value):
+        raise ConfigError(key.name, f"must be a finite number, got {value}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(key.name, f"must be one of {', '.join(key.choices)}, got {value!r}"
+                          f"{_nearest_choice(value, key.choices)}")
+    if key.check is not None:
+        problem = key.check(value)
+        if problem:
+            raise ConfigError(key.name, problem)
+    return value
+
+
+def _nearest_choice(value, choices) -> str:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a list", dict: "a mapping"}.get(t, str(t))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=0.05' -> ('train.lr', 0.05); the value is parsed as YAML."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError("", f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the string as written
+    return name.strip(), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Section:
+    """Defaults <- YAML file <- overrides, validated. Raises ConfigError."""
+    values = defaults()
+    if path is not None:
+        values.update(_flatten(read_yaml(path)))
+    for text in overrides:
+        name, value = parse_override(text)
+        values[name] = value
+    return build(values)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("", f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"cannot read {path}: {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError("", f"{path}: must be a mapping of keys to values, got {type(tree).__name__}")
+    return tree
+
+
+def build(flat: dict[str, Any]) -> Section:
+    """Validate a flat {dotted key: value} mapping (defaults filled in) into a Section tree."""
+    values = defaults()
+    for name, value in _flatten(flat).items():
+        if name not in KEY_BY_NAME:
+            raise ConfigError(name, f"unknown key{_nearest(name)}")
+        values[name] = _check_type(KEY_BY_NAME[name], value)
+    _check_combinations(values)
+    tree = Section()
+    for name, value in values.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, Section())
+        node[leaf] = value
+    return tree
+
+
+def _check_combinations(v: dict[str, Any]) -> None:
+    if v["data.name"] in ("npz", "parquet") and not v["data.path"]:
+        raise ConfigError("data.path", f"is required when data.name is {v['data.name']}")
+    if v["data.path"] and v["data.name"] in ("npz", "parquet") and not Path(v["data.path"]).exists():
+        raise ConfigError("data.path", f"file {v['data.path']} does not exist")
+    if v["train.optimizer"] == "adam" and v["train.momentum"]:
+        raise ConfigError("train.momentum", "applies to sgd only; adam has its own betas")
+
+
+def check_world(cfg: Section, world_size: int) -> None:
+    """Checks that need the world size: the global batch must give every worker a sample."""
+    if cfg.train.batch_size < world_size:
+        raise ConfigError("train.batch_size", f"global batch {cfg.train.batch_size} is smaller than the "
+                          f"world size {world_size}: every worker needs at least one sample per step")
+
+
+def to_dict(cfg: Section) -> dict:
+    """Plain nested dicts (for YAML, JSON and checkpoints)."""
+    return {k: to_dict(v) if isinstance(v, dict) and k != "kwargs" else _copy(v) for k, v in cfg.items()}
+
+
+def flat_items(cfg: dict, prefix: str = ""):
+    for k, v in cfg.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in KEY_BY_NAME:
+            yield from flat_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def describe() -> str:
+    """The config reference, as Markdown (the README's table is made from this)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for k in KEYS:
+        t = _type_name(k.type).split(" ", 1)[-1] + (" or null" if k.optional else "")
+        sep = " \\| "
+        meaning = k.help + (f" ({sep.join(k.choices)})" if k.choices else "")
+        rows.append(f"| `{k.name}` | {t} | `{k.default!r}` | {meaning} |")
+    return "\n".join(rows)

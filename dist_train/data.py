@@ -1,0 +1,192 @@
+"""Datasets: built-in ones and files, as (features, labels) arrays on the host.
+
+Features are float32 with the natural sample shape ((2,) for xor, (1, 8, 8) for
+digits, (1, 28, 28) for synthetic MNIST); labels are int64 class ids. Files are
+memory-mapped where the format allows (`.npy`, uncompressed `.npz` members, Parquet
+through Arrow's memory map), so a dataset larger than RAM streams by batches.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+DIGITS_CSV = Path(__file__).with_name("datasets") / "digits.csv.gz"
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # (n, *sample_shape) float32, possibly a memmap
+    y: np.ndarray  # (n,) int64 class ids, or (n, k) float32 targets
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def classes(self) -> int | None:
+        """Number of classes for integer labels (max label + 1), else None."""
+        if self.y.dtype.kind in "iu" and len(self.y):
+            return int(self.y.max()) + 1
+        return None
+
+
+def xor() -> Dataset:
+    x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    return Dataset(x, np.array([0, 1, 1, 0], dtype=np.int64), "xor")
+
+
+def perceptron() -> Dataset:
+    """The classic decision unit: three yes/no factors (will it pay, is the maths easy,
+    no GPU needed), 'yes' when 8*x1 + 3*x2 + 3*x3 >= 5. All 8 combinations; note
+    (0, 1, 1) scores 6 and is a yes."""
+    x = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.float32)
+    y = (x @ np.array([8, 3, 3], dtype=np.float32) >= 5).astype(np.int64)
+    return Dataset(x, y, "perceptron")
+
+
+def digits() -> Dataset:
+    """1,797 real handwritten digits, 8x8 pixels scaled to [0, 1] (UCI optdigits test
+    set, the copy scikit-learn ships)."""
+    with gzip.open(DIGITS_CSV, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = (table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
+    return Dataset(np.ascontiguousarray(x), table[:, 64].astype(np.int64), "digits")
+
+
+def synthetic(size: int, shape: list[int], classes: int, seed: int) -> Dataset:
+    """MNIST-shaped noise labelled by a random linear teacher: learnable, seeded."""
+    rng = np.random.default_rng([seed, 7919])
+    x = rng.standard_normal((size, *shape), dtype=np.float32)
+    teacher = rng.standard_normal((int(np.prod(shape)), classes), dtype=np.float32)
+    y = np.argmax(x.reshape(size, -1) @ teacher, axis=1).astype(np.int64)
+    return Dataset(x, y, "synthetic")
+
+
+def _npz_member(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    """A member of an .npz: memory-mapped when stored uncompressed, else read."""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        with zf.open(name) as f:
+            return np.lib.format.read_array(f)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
+            int.from_bytes(header[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: member {name} holds Python objects; only numeric arrays are loaded")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """`.npz` with arrays `x` and `y` (also `X`/`Y`, `features`/`labels`)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+            xk = next((k for k in ("x", "X", "features") if k in members), None)
+            yk = next((k for k in ("y", "Y", "labels", "label") if k in members), None)
+            if xk is None or yk is None:
+                raise DataError(f"{path}: needs arrays 'x' and 'y', found {sorted(members) or 'none'}")
+            x, y = _npz_member(path, zf, members[xk]), _npz_member(path, zf, members[yk])
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    return _checked(path, x, y)
+
+
+def load_parquet(path: str | Path, label_column: str) -> Dataset:
+    """Parquet: `label_column` is the label; the features are one list column or
+    every other numeric column, in file order."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow: pip install 'dist-train[parquet]'") from None
+    try:
+        table = pq.read_table(path, memory_map=True)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    x, y = table_to_arrays(table, label_column, str(path))
+    return _checked(Path(path), x, y)
+
+
+def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow table or record batch -> (features, labels) without a per-row loop."""
+    import pyarrow as pa
+
+    names = list(table.schema.names)
+    if label_column not in names:
+        raise DataError(f"{where}: no label column {label_column!r} (columns: {', '.join(names)})")
+    y = table.column(label_column).to_numpy()
+    features = [n for n in names if n != label_column and not n.startswith("__")]
+    if not features:
+        raise DataError(f"{where}: no feature columns besides {label_column!r}")
+    cols = [table.column(n) for n in features]
+    if isinstance(table, pa.Table):
+        cols = [c.combine_chunks() if c.num_chunks != 1 else c.chunk(0) for c in cols]
+    if len(cols) == 1 and (pa.types.is_list(cols[0].type) or pa.types.is_fixed_size_list(cols[0].type)):
+        flat = cols[0].flatten().to_numpy(zero_copy_only=False)
+        x = flat.reshape(len(y), -1) if len(y) else flat.reshape(0, 0)
+    else:
+        bad = [n for n, c in zip(features, cols) if not pa.types.is_integer(c.type) and not pa.types.is_floating(c.type)]
+        if bad:
+            raise DataError(f"{where}: feature column {bad[0]!r} is not numeric")
+        x = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]) if len(y) else np.zeros((0, len(cols)))
+    return x.astype(np.float32, copy=False), y
+
+
+def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> Dataset:
+    if x.ndim < 2:
+        raise DataError(f"{path}: features must be (rows, features...), got shape {x.shape}")
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} feature rows but {len(y)} labels")
+    if x.dtype.kind not in "fiu":
+        raise DataError(f"{path}: features must be numeric, got {x.dtype}")
+    if y.dtype.kind == "f" and y.ndim == 1 and np.all(np.mod(y, 1) == 0):
+        y = y.astype(np.int64)
+    elif y.dtype.kind in "iu":
+        y = y.astype(np.int64, copy=False)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)  # one copy; store float32 to keep the memory map
+    return Dataset(x, y, path.name)
+
+
+def load(cfg) -> Dataset:
+    """The dataset that `cfg.data` names. Raises DataError for a bad file."""
+    d = cfg.data
+    if d.name == "xor":
+        return xor()
+    if d.name == "perceptron":
+        return perceptron()
+    if d.name == "digits":
+        return digits()
+    if d.name == "synthetic":
+        return synthetic(d.size, d.shape, d.classes, cfg.seed)
+    if not Path(d.path).exists():
+        raise DataError(f"data.path {d.path} does not exist")
+    if d.name == "npz":
+        return load_npz(d.path)
+    return load_parquet(d.path, d.label_column)
+
+
+def find_nonfinite(x: np.ndarray, chunk: int = 65536) -> int | None:
+    """Index of the first row holding NaN or Inf, or None (streams a memmap by chunks)."""
+    for start in range(0, len(x), chunk):
+        ok = np.isfinite(x[start:start + chunk].reshape(min(chunk, len(x) - start), -1)).all(axis=1)
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return None

@@ -1,0 +1,83 @@
+"""Gradient averaging, in one place (STYLE.md 5).
+
+Every trainable parameter's `.grad` is a view into one flat buffer, so backward writes
+straight into it: no packing before the allreduce, no unpacking after. Behind the
+gradients sit a few statistics of the local batch, summed in the same collective:
+
+    [ grads ... | sample count | loss sum | correct | has more batches ]
+
+One allreduce(sum) then gives the global count, so the division by it is exact even
+when local batches differ in size or are empty, and it costs no extra collective. We
+divide after the sum (not each worker by its own count before it) because only the
+global count gives the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+TAIL = 4  # count, loss sum, correct, more
+
+
+@dataclass
+class StepStats:
+    count: int  # samples in the global batch
+    loss: float  # mean loss over the global batch
+    correct: int  # correct predictions in the global batch
+    more: bool  # does any worker have another batch this epoch
+
+
+class FusedGrads:
+    """Gradients of `model` as views into one flat buffer, with the stats tail."""
+
+    def __init__(self, model: nn.Module):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ValueError(f"all trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        total = sum(p.numel() for p in params)
+        self.flat = torch.zeros(total + TAIL, dtype=params[0].dtype, device=params[0].device)
+        self.grads = self.flat[:total]
+        self.tail = self.flat[total:]
+        offset = 0
+        for p in params:
+            p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
+            offset += p.numel()
+        self.nbytes = self.flat.numel() * self.flat.element_size()
+
+    def zero(self) -> None:
+        """Clear gradients and stats; replaces optimizer.zero_grad(), which would drop the views."""
+        self.flat.zero_()
+
+    def sync(self, comm, count: int, loss_sum: torch.Tensor | float, correct: torch.Tensor | int,
+             more: bool) -> StepStats:
+        """Sum gradients and stats over all workers, then average the gradients."""
+        tail = self.tail
+        tail[0] = count
+        tail[1] = loss_sum
+        tail[2] = correct
+        tail[3] = 1.0 if more else 0.0
+        comm.allreduce(self.flat)  # dist: the one collective of a training step
+        total, loss, right, more_any = tail.tolist()
+        if total > 0:
+            self.grads.div_(total)
+        return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5)
+
+
+def broadcast_parameters(comm, model: nn.Module, root: int = 0) -> None:
+    """Make every worker's parameters and floating buffers equal to root's."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if comm.world_size == 1 or not tensors:
+        return
+    with torch.no_grad():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        comm.broadcast(flat, root)  # dist: everyone starts from rank 0's weights
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

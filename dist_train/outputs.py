@@ -1,0 +1,94 @@
+"""What a run leaves behind in its output directory (DESIGN.md), written by rank 0 only.
+
+    model.pt        {"state_dict", "config", "meta"}; torch.load(..., weights_only=True)
+    summary.json    launcher, world_size, steps, epochs, final_train_loss, eval, speed, time
+    metrics.jsonl   one JSON object per logged step and per epoch
+    checkpoints/    step-NNNNNNNN.pt (+ .sha256), for --resume
+
+Call sites never test the rank: a `RunWriter` built with `active=False` does nothing
+(STYLE.md 10).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import checkpoint
+from .errors import UserError
+
+
+def prepare_out_dir(out_dir: str | Path, resume: bool) -> Path:
+    """Refuse to mix two runs in one directory; checked before any worker starts."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    has_run = (out / "summary.json").exists() or bool(checkpoint.listing(out / "checkpoints"))
+    if has_run and not resume:
+        raise UserError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    return out
+
+
+class RunWriter:
+    def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout):
+        self.active = active and out_dir is not None
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.stream = stream if active else None
+        if self.active:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.out / "checkpoints" if self.out is not None else None
+
+    def log(self, message: str) -> None:
+        if self.stream is not None:
+            print(message, file=self.stream, flush=True)
+
+    def start_metrics(self, resumed_step: int | None) -> None:
+        """Open metrics.jsonl; on resume keep only the lines up to the checkpoint's step."""
+        if not self.active:
+            return
+        path = self.out / "metrics.jsonl"
+        if resumed_step is None:
+            checkpoint.atomic_write(path, b"")
+        elif path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                if rec.get("step", 0) <= resumed_step:
+                    kept.append(line + "\n")
+            checkpoint.atomic_write(path, "".join(kept).encode())
+
+    def metric(self, record: dict) -> None:
+        if self.active:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self, step: int, state: dict, keep: int) -> None:
+        if self.active:
+            checkpoint.save(self.checkpoint_dir, step, state, keep)
+
+
+def write_final(out_dir: str | Path, model_payload: dict, summary: dict) -> None:
+    """model.pt and summary.json, atomically (the Spark driver calls this too)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(out / "model.pt", checkpoint.to_bytes(model_payload))
+    checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def load_model_file(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise UserError(f"no model at {path}")
+    try:
+        return checkpoint.load_bytes(path.read_bytes())
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path} is not a dist-train model: {type(e).__name__}: {e}") from None
