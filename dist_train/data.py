@@ -86,7 +86,9 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
             int.from_bytes(header[28:30], "little")
         f.seek(start)
         version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
         offset = f.tell()
     if dtype.hasobject:
         raise DataError(f"{path}: member {name} holds Python objects; only numeric arrays are loaded")

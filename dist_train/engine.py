@@ -195,7 +195,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         "device": str(device),
         "threads": threads or torch.get_num_threads(),
         "meta": {"sample_shape": list(data.sample_shape), "outputs": data.outputs, "loss": t.loss,
-                 "model": cfg.model.target or cfg.model.name, "torch": torch.__version__,
+                 "model": cfg.model.target or cfg.model.name, "torch": str(torch.__version__),
                  "launcher": launcher, "world_size": comm.world_size, "steps": pos.step},
     }
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -1,0 +1,65 @@
+"""User models (named by model.target) that fail on purpose on one rank at one step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+
+
+def current_rank() -> int:
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        if ctx is not None:
+            return ctx.partitionId()
+    except ImportError:
+        pass
+    return 0
+
+
+class Faulty(nn.Module):
+    def __init__(self, inputs, outputs, fail_rank, fail_step, mode, marker=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 16), nn.ReLU(), nn.Linear(16, outputs))
+        self.fail_rank, self.fail_step, self.mode, self.marker = fail_rank, fail_step, mode, marker
+        self.calls = 0
+
+    def forward(self, x):
+        if torch.is_grad_enabled():  # training steps only, not the validation probe or eval
+            self.calls += 1
+            if self.calls == self.fail_step and current_rank() == self.fail_rank and self._armed():
+                self._fail()
+        return self.net(x)
+
+    def _armed(self) -> bool:
+        """With a marker file, fail only once (the first attempt of a retried job)."""
+        if self.marker is None:
+            return True
+        if os.path.exists(self.marker):
+            return False
+        open(self.marker, "w").close()
+        return True
+
+    def _fail(self):
+        if self.mode == "raise":
+            raise RuntimeError(f"injected failure at step {self.fail_step}")
+        if self.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "sleep":
+            time.sleep(3600)
+
+
+def model(inputs=64, outputs=10, fail_rank=1, fail_step=3, mode="raise", marker=None):
+    return Faulty(inputs, outputs, fail_rank, fail_step, mode, marker)
+
+
+def not_a_module():
+    return 42

@@ -1,0 +1,140 @@
+"""Local mode end to end: built-in configs learn, resume is exact, writes are atomic."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dist_train import checkpoint, config, data
+from dist_train.comm import LocalComm
+from dist_train.engine import WorkerData, fit
+from launchers import local
+
+from .helpers import ROOT, weights
+
+
+def train(tmp_path, conf, *sets, name="run", resume=False):
+    out = tmp_path / name
+    argv = [str(ROOT / conf), "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+    assert local.main(argv + (["--resume"] if resume else [])) == 0
+    return out
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_xor_reaches_full_accuracy(tmp_path):
+    s = summary(train(tmp_path, "conf/xor.yaml"))
+    assert s["eval"]["accuracy"] == 1.0 and s["eval"]["samples"] == 4
+
+
+def test_perceptron_learns_the_decision_rule(tmp_path):
+    s = summary(train(tmp_path, "conf/perceptron.yaml"))
+    assert s["eval"]["accuracy"] == 1.0 and s["eval"]["samples"] == 8
+
+
+def test_digits_reaches_its_target_and_writes_every_output(tmp_path):
+    out = train(tmp_path, "conf/digits.yaml")
+    s = summary(out)
+    assert s["eval"]["accuracy"] >= 0.96
+    assert s["eval"]["split"] == "held_out" and 300 < s["eval"]["samples"] < 420
+    for key in ("launcher", "world_size", "steps", "epochs", "final_train_loss", "samples_per_sec", "wall_seconds"):
+        assert s[key] is not None, key
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert set(model) == {"state_dict", "config", "meta"} and model["config"]["data"]["name"] == "digits"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == list(range(30))
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert checkpoint.listing(out / "checkpoints")
+
+
+@pytest.mark.parametrize("sets", [[], ["checkpoint.every_steps=7"]])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, sets):
+    base = ["train.epochs=4", "model.hidden=[32]", *sets]
+    straight = train(tmp_path, "conf/digits.yaml", *base, name="straight")
+    half = train(tmp_path, "conf/digits.yaml", *base[1:], "train.epochs=2", name="resumed")
+    train(tmp_path, "conf/digits.yaml", *base, name="resumed", resume=True)
+    for k, v in weights(straight).items():
+        assert torch.equal(v, weights(half)[k]), k
+    assert summary(half)["steps"] == summary(straight)["steps"]
+
+
+def test_resume_mid_epoch_from_a_periodic_checkpoint(tmp_path):
+    base = ["train.epochs=3", "model.hidden=[32]", "checkpoint.every_steps=5", "train.momentum=0.5"]
+    straight = train(tmp_path, "conf/digits.yaml", *base, name="straight")
+    cut = train(tmp_path, "conf/digits.yaml", *base, "train.max_steps=33", name="cut")
+    assert summary(cut)["steps"] == 33
+    train(tmp_path, "conf/digits.yaml", *base, name="cut", resume=True)
+    for k, v in weights(straight).items():
+        assert torch.equal(v, weights(cut)[k]), k
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "metrics after resume continue, not repeat"
+
+
+def test_early_stop_on_target_loss(tmp_path):
+    s = summary(train(tmp_path, "conf/xor.yaml", "train.target_loss=0.3"))
+    assert s["stopped_by"] == "target_loss" and s["steps"] < 400
+
+
+def test_killed_checkpoint_write_leaves_the_previous_one(tmp_path):
+    d = tmp_path / "ckpt"
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from dist_train import checkpoint
+checkpoint.save({str(d)!r}, 1, {{"step": 1}}, keep=3)
+os.fsync = lambda fd: os._exit(9)   # die in the middle of the next write
+checkpoint.save({str(d)!r}, 2, {{"step": 2}}, keep=3)
+"""
+    p = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert p.returncode == 9
+    assert [c.name for c in checkpoint.listing(d)] == ["step-00000001.pt"]
+    assert checkpoint.latest(d)["step"] == 1
+
+
+def test_corrupt_or_truncated_checkpoint_falls_back_to_the_previous(tmp_path):
+    d = tmp_path / "ckpt"
+    checkpoint.save(d, 1, {"step": 1, "w": torch.ones(100)}, keep=3)
+    path = checkpoint.save(d, 2, {"step": 2, "w": torch.ones(100)}, keep=3)
+    path.write_bytes(path.read_bytes()[:50])
+    warnings = []
+    assert checkpoint.latest(d, warn=warnings.append)["step"] == 1
+    assert "corrupt or truncated" in warnings[0]
+    checkpoint.save(d, 3, {"step": 3}, keep=2)
+    assert [c.name for c in checkpoint.listing(d)] == ["step-00000002.pt", "step-00000003.pt"]
+
+
+def test_npz_members_are_memory_mapped(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 1, 4, 4)).astype(np.float32)
+    y = np.arange(50) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    ds = data.load_npz(tmp_path / "d.npz")
+    assert isinstance(ds.x, np.memmap) and np.array_equal(ds.x, x) and np.array_equal(ds.y, y)
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)
+    assert np.array_equal(data.load_npz(tmp_path / "c.npz").x, x)
+
+
+def test_parquet_with_feature_columns_or_a_list_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    y = np.arange(20) % 2
+    pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "label": y}), tmp_path / "cols.parquet")
+    pq.write_table(pa.table({"features": list(x), "label": y}), tmp_path / "list.parquet")
+    for name in ("cols", "list"):
+        ds = data.load_parquet(tmp_path / f"{name}.parquet", "label")
+        assert np.array_equal(ds.x, x) and np.array_equal(ds.y, y)
+
+
+def test_fit_python_api_returns_the_model():
+    cfg = config.load(ROOT / "conf/xor.yaml", ["train.epochs=50"])
+    ds = data.xor()
+    result = fit(cfg, LocalComm(), WorkerData.whole(ds, 2))
+    assert result.summary["steps"] == 50
+    out = result.model(torch.from_numpy(ds.x))
+    assert out.shape == (4, 2)
