@@ -38,11 +38,11 @@ def local(config, out, *sets, timeout=120):
                 *[a for s in sets for a in ("--set", s)]], timeout=timeout)
 
 
-def mpirun(n, config, out, *sets, extra=(), timeout=120):
+def mpirun(n, config, out, *sets, extra=(), resume=False, timeout=120):
     cmd = [BIN / "mpirun", "-n", n, "--bind-to", "none", "--oversubscribe"]
     cmd += ["--allow-run-as-root"] if IS_ROOT else []
     cmd += [*extra, sys.executable, ROOT / "launchers/mpi.py", config, "--out", out]
-    cmd += [a for s in sets for a in ("--set", s)]
+    cmd += [a for s in sets for a in ("--set", s)] + (["--resume"] if resume else [])
     return run(cmd, timeout=timeout)
 
 

