@@ -67,6 +67,8 @@ def _target(v):
 KEYS: tuple[Key, ...] = (
     Key("seed", int, 0, "seeds model init, data order and synthetic data; same seed, same weights", check=_non_negative),
     Key("device", str, "auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N", check=_device),
+    Key("threads", int, None, "torch threads per worker; null = the cores given / workers on this host",
+        optional=True, check=_positive),
     # model
     Key("model.name", str, "mlp", "built-in model; ignored when model.target is set", ("perceptron", "mlp", "lenet")),
     Key("model.hidden", list, [64], "hidden layer widths of the mlp", check=_positive_ints),

@@ -17,8 +17,11 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def thread_budget(local_workers: int, cores: int | None = None) -> int:
-    """Torch threads per worker: the cores given, shared by the workers on this host."""
+def thread_budget(local_workers: int, cores: int | None = None, override: int | None = None) -> int:
+    """Torch threads per worker: the cores given, shared by the workers on this host
+    (or `override`, the config's `threads`)."""
+    if override:
+        return override
     cores = host_cores() if cores is None else cores
     return max(1, cores // max(1, local_workers))
 

@@ -24,7 +24,7 @@ from dist_train.engine import WorkerData, fit
 def main(argv: list[str] | None = None) -> int:
     args = cli.job_parser("launchers/local.py").parse_args(argv)
     job = cli.prepare(args, world_size=1)
-    threads = runtime.set_threads(runtime.thread_budget(local_workers=1))
+    threads = runtime.set_threads(runtime.thread_budget(local_workers=1, override=job.cfg.threads))
     fit(job.cfg, LocalComm(), WorkerData.whole(job.dataset, job.outputs), out_dir=job.out,
         resume=job.resume, launcher="local", threads=threads)
     return 0

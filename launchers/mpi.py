@@ -92,7 +92,7 @@ def _prepare_everywhere(comm: MPIComm, argv):
 def _train(comm: MPIComm, argv) -> None:
     job = _prepare_everywhere(comm, argv)
     local_rank, local_size = host_layout()
-    threads = runtime.set_threads(runtime.thread_budget(local_workers=local_size))
+    threads = runtime.set_threads(runtime.thread_budget(local_workers=local_size, override=job.cfg.threads))
     fit(job.cfg, comm, WorkerData.whole(job.dataset, job.outputs), out_dir=job.out, resume=job.resume,
         launcher="mpi", local_rank=local_rank, threads=threads)
 

