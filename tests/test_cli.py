@@ -56,3 +56,11 @@ def test_dist_train_mpi_runs_and_prints_its_command(tmp_path):
 def test_dist_train_mpi_refuses_bad_input_before_starting_ranks(tmp_path):
     p = run([BIN / "dist-train", "mpi", "-n", "2", "conf/xor.yaml", "--set", "train.lr=0"])
     assert p.returncode == 2 and p.stderr.strip() == "error: config error: train.lr: must be > 0, got 0.0"
+
+
+def test_readme_config_table_is_current():
+    from dist_train import config
+
+    from .helpers import ROOT
+
+    assert config.describe() in (ROOT / "README.md").read_text(), "regenerate the README's table: dist-train config"
