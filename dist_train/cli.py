@@ -152,7 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [submit] + (["--master", args.master] if args.master else []) + args.spark_arg
     cmd += [str(ROOT / "launchers" / "spark.py")] + _job_argv(args)
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=spark_env())
+
+
+def spark_env() -> dict:
+    """spark-submit from a venv that is not activated: let it find this Python (driver and executors)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYSPARK_PYTHON", sys.executable)
+    env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    return env
 
 
 if __name__ == "__main__":

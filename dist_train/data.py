@@ -115,15 +115,31 @@ def load_parquet(path: str | Path, label_column: str) -> Dataset:
     """Parquet: `label_column` is the label; the features are one list column or
     every other numeric column, in file order."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading Parquet needs pyarrow: pip install 'dist-train[parquet]'") from None
+    files = parquet_files(path)
     try:
-        table = pq.read_table(path, memory_map=True)
+        tables = [pq.read_table(f, memory_map=True) for f in files]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     x, y = table_to_arrays(table, label_column, str(path))
     return _checked(Path(path), x, y)
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """A Parquet file, or a directory's Parquet files in path order: the row order of a
+    dataset is file by file in this order, then row by row (the Spark launcher uses the same)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if not any(part.startswith(("_", ".")) for part in
+                                                                      p.relative_to(path).parts))
+        if not files:
+            raise DataError(f"{path}: directory holds no .parquet files")
+        return files
+    return [path]
 
 
 def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, np.ndarray]:

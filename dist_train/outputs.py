@@ -19,6 +19,10 @@ from . import checkpoint
 from .errors import UserError
 
 
+class StaleRun(RuntimeError):
+    """A retried job's older attempt tried to write after a newer one took over."""
+
+
 def prepare_out_dir(out_dir: str | Path, resume: bool) -> Path:
     """Refuse to mix two runs in one directory; checked before any worker starts."""
     out = Path(out_dir)
@@ -31,8 +35,9 @@ def prepare_out_dir(out_dir: str | Path, resume: bool) -> Path:
 
 
 class RunWriter:
-    def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout):
+    def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout, fence=None):
         self.active = active and out_dir is not None
+        self.fence = fence
         self.out = Path(out_dir) if out_dir is not None else None
         self.stream = stream if active else None
         if self.active:
@@ -64,13 +69,18 @@ class RunWriter:
                     kept.append(line + "\n")
             checkpoint.atomic_write(path, "".join(kept).encode())
 
+    def _owns_out(self) -> bool:
+        if self.fence is not None and not self.fence():
+            raise StaleRun(f"a newer attempt owns {self.out}: this one stops without writing")
+        return True
+
     def metric(self, record: dict) -> None:
-        if self.active:
+        if self.active and self._owns_out():
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(self, step: int, state: dict, keep: int) -> None:
-        if self.active:
+        if self.active and self._owns_out():
             checkpoint.save(self.checkpoint_dir, step, state, keep)
 
 
