@@ -113,7 +113,7 @@ def dataset_source(spark, cfg, ds: data.Dataset, outputs: int) -> Source:
     return Source(df, n, "label", ["features"], ds.sample_shape, outputs)
 
 
-def dataframe_source(spark, cfg, df, name: str = "dataframe") -> Source:
+def dataframe_source(spark, cfg, df, name: str = "dataframe", by_file: bool = False) -> Source:
     """Any DataFrame: its row order is partition by partition, row by row; a Parquet read
     is ordered file by file (path order), as the MPI and local launchers read it."""
     from pyspark.sql import functions as F
@@ -125,7 +125,7 @@ def dataframe_source(spark, cfg, df, name: str = "dataframe") -> Source:
     if not features:
         raise DataError(f"{name}: no feature columns besides {label!r}")
     if ROW not in df.columns:
-        df = _with_row_index(df)
+        df = _with_row_index(df, by_file)
     stats = df.agg(F.count(F.lit(1)).alias("n"), F.min(label).alias("lo"), F.max(label).alias("hi"),
                    F.sum(F.when(F.col(label).isin(0, 1), 0).otherwise(1)).alias("nonbinary")).first()
     n = int(stats["n"])
@@ -147,19 +147,15 @@ def dataframe_source(spark, cfg, df, name: str = "dataframe") -> Source:
     return Source(df, n, label, features, (width,), outputs)
 
 
-def _with_row_index(df):
-    """Add __row: for a Parquet scan, (file path order, row in file); else partition order."""
+def _with_row_index(df, by_file: bool = False):
+    """Add __row: for a Parquet read, (file path order, row in file); else partition order."""
     from pyspark.sql import functions as F
 
-    try:
+    if by_file:
         meta = df.select("*", F.col("_metadata.file_path").alias("__file"),
                          F.col("_metadata.row_index").alias("__in_file"))
-        counts = meta.groupBy("__file").count().collect()
-    except Exception:  # noqa: BLE001 - not a file scan (no _metadata): partition order
-        meta = None
-    if meta is not None:
         offsets, total = {}, 0
-        for row in sorted(counts, key=lambda r: r["__file"]):
+        for row in sorted(meta.groupBy("__file").count().collect(), key=lambda r: r["__file"]):
             offsets[row["__file"]], total = total, total + row["count"]
         offset = F.create_map(*[x for k, v in offsets.items() for x in (F.lit(k), F.lit(v))])
         return meta.withColumn(ROW, offset[F.col("__file")] + F.col("__in_file")).drop("__file", "__in_file")
@@ -183,7 +179,7 @@ def parquet_source(spark, cfg) -> Source:
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{cfg.data.path}: not a readable Parquet file ({first[:300]})") from None
-    return dataframe_source(spark, cfg, df, name=str(cfg.data.path))
+    return dataframe_source(spark, cfg, df, name=str(cfg.data.path), by_file=True)
 
 
 def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, log=print) -> Result:
@@ -303,6 +299,8 @@ class _TrainTask:
                          resume=self.resume, launcher="spark", threads=threads, write_outputs=False,
                          fence=self._fence())
         except BaseException as e:  # noqa: BLE001 - report which rank failed and why, in one line
+            if _is_peer_loss(e):  # a consequence, not the cause: let the failing rank's report reach the driver first
+                time.sleep(PEER_LOSS_GRACE_S)
             tb = "".join(traceback.format_exception(e))
             raise RuntimeError(f"[rank {rank}] {type(e).__name__}: {e}\n{tb}") from None
         finally:
@@ -329,8 +327,8 @@ class _TrainTask:
         bad = data.find_nonfinite(x)
         if bad is not None:
             raise DataError(f"row {lo + bad} holds NaN or Inf")
-        if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
-            y = y.astype(np.int64)
+        if y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
+            y = y.astype(np.int64, copy=False)
         return lo, np.ascontiguousarray(x.reshape(len(x), *self.sample_shape)), y
 
     def _fence(self):
@@ -338,6 +336,14 @@ class _TrainTask:
             return None
         marker, attempt = Path(self.out) / ".attempt", str(self.attempt)
         return lambda: marker.exists() and marker.read_text().strip() == attempt
+
+
+PEER_LOSS_GRACE_S = 3.0
+
+
+def _is_peer_loss(e: BaseException) -> bool:
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def _rendezvous(ctx, rank: int, world: int, timeout_s: float):
@@ -376,10 +382,8 @@ def _leave_process_group() -> None:
 def session(app: str = "dist-train"):
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.appName(app)
-    if not os.environ.get("PYSPARK_PYTHON"):
-        builder = builder.config("spark.pyspark.python", sys.executable)  # executors get this environment
-    return builder.getOrCreate()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local executors run this environment's Python
+    return SparkSession.builder.appName(app).getOrCreate()
 
 
 @cli.guarded

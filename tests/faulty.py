@@ -26,15 +26,19 @@ def current_rank() -> int:
 
 
 class Faulty(nn.Module):
-    def __init__(self, inputs, outputs, fail_rank, fail_step, mode, marker=None):
+    def __init__(self, inputs, outputs, fail_rank, fail_step, mode, marker=None, heartbeat=None):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 16), nn.ReLU(), nn.Linear(16, outputs))
         self.fail_rank, self.fail_step, self.mode, self.marker = fail_rank, fail_step, mode, marker
+        self.heartbeat = heartbeat
         self.calls = 0
 
     def forward(self, x):
         if torch.is_grad_enabled():  # training steps only, not the validation probe or eval
             self.calls += 1
+            if self.heartbeat:  # lets a test see whether any worker is still training
+                with open(f"{self.heartbeat}.{current_rank()}", "w") as f:
+                    f.write(str(self.calls))
             if self.calls == self.fail_step and current_rank() == self.fail_rank and self._armed():
                 self._fail()
         return self.net(x)
@@ -57,8 +61,8 @@ class Faulty(nn.Module):
             time.sleep(3600)
 
 
-def model(inputs=64, outputs=10, fail_rank=1, fail_step=3, mode="raise", marker=None):
-    return Faulty(inputs, outputs, fail_rank, fail_step, mode, marker)
+def model(inputs=64, outputs=10, fail_rank=1, fail_step=3, mode="raise", marker=None, heartbeat=None):
+    return Faulty(inputs, outputs, fail_rank, fail_step, mode, marker, heartbeat)
 
 
 def not_a_module():

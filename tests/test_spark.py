@@ -1,0 +1,219 @@
+"""Spark launcher, really run: local[3] in this process, spark-submit, and a standalone
+cluster started here. Same weights as MPI, uneven and empty partitions, fast failure
+with the rank named, driver-side retry from a checkpoint, Parquet written by Spark."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .helpers import BIN, ROOT, assert_same_weights, env, mpirun, ok, run, weights
+
+pyspark = pytest.importorskip("pyspark")
+from launchers import spark as L  # noqa: E402
+
+SMALL = ["train.epochs=2", "model.hidden=[32]", "train.log_every=0"]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"  # executors import tests.faulty
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    from pyspark.sql import SparkSession
+
+    s = (SparkSession.builder.master("local[3]").appName("dist-train-tests")
+         .config("spark.ui.enabled", "false")
+         .config("spark.sql.shuffle.partitions", "4").getOrCreate())
+    s.sparkContext.setLogLevel("ERROR")
+    yield s
+    s.stop()
+
+
+def test_spark_gives_the_same_weights_as_mpi(spark, tmp_path):
+    L.train(spark, ROOT / "conf/digits.yaml", sets=[*SMALL, "spark.workers=2"], out_dir=tmp_path / "spark")
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "mpi", *SMALL))
+    assert_same_weights(tmp_path / "spark", tmp_path / "mpi")
+    s = json.loads((tmp_path / "spark" / "summary.json").read_text())
+    assert s["launcher"] == "spark" and s["world_size"] == 2
+    assert {"model.pt", "summary.json", "metrics.jsonl", "checkpoints"} <= {p.name for p in (tmp_path / "spark").iterdir()}
+
+
+def tiny_npz(tmp_path, rows):
+    x = np.random.default_rng(4).standard_normal((rows, 5)).astype(np.float32)
+    path = tmp_path / f"tiny{rows}.npz"
+    np.savez(path, x=x, y=np.arange(rows) % 2)
+    return path
+
+
+@pytest.mark.parametrize("rows", [11, 2], ids=["uneven", "empty-partition"])
+def test_uneven_and_empty_partitions_match_mpi(spark, tmp_path, rows):
+    sets = ["data.name=npz", f"data.path={tiny_npz(tmp_path, rows)}", "data.eval_fraction=0", "train.batch_size=3",
+            "train.epochs=3", "model.hidden=[4]", "train.optimizer=sgd", "train.lr=0.5", "spark.workers=3"]
+    L.train(spark, ROOT / "conf/xor.yaml", sets=sets, out_dir=tmp_path / "spark")
+    ok(mpirun(3, "conf/xor.yaml", tmp_path / "mpi", *sets))
+    assert_same_weights(tmp_path / "spark", tmp_path / "mpi", atol=1e-6)
+
+
+def test_partitions_hold_exactly_the_shards(spark):
+    cfg = L.config.load(ROOT / "conf/digits.yaml", ["spark.workers=3"])
+    ds = L.data.load(cfg)
+    source = L.dataset_source(spark, cfg, ds, 10)
+    import pyarrow as pa
+
+    def rows(blobs):
+        got = [b.column(L.ROW).to_numpy() for _, blob in blobs for b in pa.ipc.open_stream(pa.py_buffer(blob))]
+        yield sorted(np.concatenate(got).tolist()) if got else []
+
+    parts = L._shard(source, 3).mapPartitions(rows).collect()
+    assert parts == [list(range(r * 1797 // 3, (r + 1) * 1797 // 3)) for r in range(3)]
+
+
+def test_a_failing_task_ends_the_job_fast_and_the_session_stays_usable(spark, tmp_path):
+    beat = tmp_path / "beat"
+    start = time.monotonic()
+    with pytest.raises(L.TrainingFailed) as e:
+        L.train(spark, ROOT / "conf/digits.yaml", out_dir=tmp_path / "fail", sets=[
+            "train.epochs=50", "spark.workers=2", "model.target=tests.faulty:model",
+            f"model.kwargs={{fail_rank: 1, fail_step: 4, heartbeat: '{beat}'}}"])
+    assert time.monotonic() - start < 30
+    assert str(e.value).startswith("[rank 1] RuntimeError: injected failure at step 4"), str(e.value)[:500]
+    before = {p.name: p.read_text() for p in tmp_path.glob("beat.*")}
+    time.sleep(2)
+    assert {p.name: p.read_text() for p in tmp_path.glob("beat.*")} == before, "a worker is still training"
+    assert not (tmp_path / "fail" / "model.pt").exists()
+    result = L.train(spark, ROOT / "conf/xor.yaml", sets=["spark.workers=2", "train.epochs=300"])
+    assert result.summary["eval"]["accuracy"] == 1.0
+
+
+def test_driver_retries_from_the_newest_checkpoint(spark, tmp_path, capsys):
+    common = ["train.epochs=3", "spark.workers=2", "checkpoint.every_steps=5", "model.target=tests.faulty:model",
+              "train.log_every=0"]
+    L.train(spark, ROOT / "conf/digits.yaml", sets=[*common, "model.kwargs={fail_rank: 9}"],
+            out_dir=tmp_path / "clean")
+    marker = tmp_path / "failed-once"
+    L.train(spark, ROOT / "conf/digits.yaml", out_dir=tmp_path / "retried", sets=[
+        *common, "spark.max_attempts=2", f"model.kwargs={{fail_rank: 1, fail_step: 12, marker: '{marker}'}}"])
+    assert marker.exists()
+    err = capsys.readouterr().err
+    assert "attempt 1 failed: [rank 1] RuntimeError: injected failure at step 12" in err
+    assert_same_weights(tmp_path / "retried", tmp_path / "clean", atol=0, rtol=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "retried" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)
+
+
+def test_parquet_written_by_spark_streams_several_arrow_batches(spark, tmp_path):
+    from pyspark.sql import functions as F
+
+    path = str(tmp_path / "pq")
+    df = spark.range(0, 900, numPartitions=3).select(
+        F.array(*[F.sin(F.col("id") * (k + 1)).cast("float") for k in range(6)]).alias("features"),
+        (F.col("id") % 3).alias("label"))
+    df.write.parquet(path)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+    try:
+        cfg = L.config.load(ROOT / "conf/xor.yaml", ["data.name=parquet", f"data.path={path}", "spark.workers=2",
+                                                     "data.eval_fraction=0.1", "train.epochs=2"])
+        source = L.parquet_source(spark, cfg)
+        blobs_per_partition = L._shard(source, 2).glom().map(len).collect()
+        assert min(blobs_per_partition) > 1, blobs_per_partition
+        sets = ["data.name=parquet", f"data.path={path}", "spark.workers=2", "data.eval_fraction=0.1",
+                "train.epochs=2", "train.optimizer=sgd", "train.lr=0.1"]
+        L.train(spark, ROOT / "conf/xor.yaml", sets=sets, out_dir=tmp_path / "spark")
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    ok(mpirun(2, "conf/xor.yaml", tmp_path / "mpi", *sets))
+    assert_same_weights(tmp_path / "spark", tmp_path / "mpi", atol=1e-6)
+
+
+def test_notebook_api_trains_on_a_dataframe(spark):
+    from pyspark.sql import functions as F
+
+    df = spark.range(0, 400, numPartitions=4).select(
+        (F.col("id") % 2).cast("float").alias("a"), (F.floor(F.col("id") / 2) % 2).cast("float").alias("b"),
+        ((F.col("id") % 2) != (F.floor(F.col("id") / 2) % 2)).cast("int").alias("label"))
+    result = L.train(spark, ROOT / "conf/xor.yaml", df=df, sets=["spark.workers=2", "train.epochs=30",
+                                                                 "train.batch_size=16", "data.eval_fraction=0.1"])
+    import torch
+
+    pred = result.model(torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])).argmax(1)
+    assert pred.tolist() == [0, 1, 1, 0]
+    assert result.summary["eval"]["accuracy"] == 1.0
+
+
+def test_global_sampling_is_refused_under_spark(spark):
+    with pytest.raises(L.ConfigError, match="data.sampling"):
+        L.train(spark, ROOT / "conf/xor.yaml", sets=["data.sampling=global", "spark.workers=2"])
+
+
+def spark_submit(*args, timeout=120):
+    e = env()
+    e["PYSPARK_PYTHON"] = sys.executable
+    e["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    return subprocess.run([str(BIN / "spark-submit"), "--conf", "spark.ui.enabled=false", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+
+
+def test_too_few_slots_fail_at_once(tmp_path):
+    start = time.monotonic()
+    p = spark_submit("--master", "local[2]", ROOT / "launchers/spark.py", "conf/xor.yaml", "--out", tmp_path / "o",
+                     "--set", "spark.workers=4")
+    assert time.monotonic() - start < 30
+    assert p.returncode == 2
+    lines = [x for x in (p.stdout + p.stderr).splitlines() if x.startswith("error:")]  # spark-submit merges them
+    assert len(lines) == 1 and "spark.workers=4 needs 4 free task slots, the cluster has 2" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def standalone(tmp_path):
+    """A Spark master and two 1-core workers on 127.0.0.1, from the pyspark installation."""
+    e = env()
+    e.update(PYSPARK_PYTHON=sys.executable, SPARK_LOG_DIR=str(tmp_path / "logs"), SPARK_WORKER_DIR=str(tmp_path / "w"))
+    klass = str(BIN / "spark-class")
+    procs = []
+
+    def start(*args, log):
+        f = open(tmp_path / log, "w")
+        procs.append(subprocess.Popen([klass, *args], stdout=f, stderr=subprocess.STDOUT, env=e,
+                                      start_new_session=True))
+        return tmp_path / log
+
+    master_log = start("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", "0",
+                       "--webui-port", "0", log="master.log")
+    url = _wait_for(master_log, r"Starting Spark master at (spark://127\.0\.0\.1:\d+)")
+    logs = [start("org.apache.spark.deploy.worker.Worker", url, "--cores", "1", "--memory", "1g", "--host",
+                  "127.0.0.1", "--webui-port", "0", log=f"worker{i}.log") for i in range(2)]
+    for log in logs:
+        _wait_for(log, r"(Successfully registered with master)")
+    yield url
+    for p in procs:
+        os.killpg(p.pid, 15)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def _wait_for(log: Path, pattern: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text() if log.exists() else "")
+        if m:
+            return m.group(1)
+        time.sleep(0.3)
+    raise AssertionError(f"{log.name} never showed {pattern!r}:\n{log.read_text()[-2000:]}")
+
+
+def test_standalone_cluster_through_spark_submit(standalone, tmp_path):
+    p = spark_submit("--master", standalone, "--conf", "spark.executor.memory=1g", ROOT / "launchers/spark.py",
+                     "conf/digits.yaml", "--out", tmp_path / "run", *[a for s in SMALL for a in ("--set", s)],
+                     "--set", "spark.workers=2", timeout=180)
+    assert p.returncode == 0, p.stderr[-4000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["launcher"] == "spark"
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "mpi", *SMALL))
+    assert_same_weights(tmp_path / "run", tmp_path / "mpi")
