@@ -60,18 +60,27 @@ def test_uneven_and_empty_partitions_match_mpi(spark, tmp_path, rows):
     assert_same_weights(tmp_path / "spark", tmp_path / "mpi", atol=1e-6)
 
 
-def test_partitions_hold_exactly_the_shards(spark):
-    cfg = L.config.load(ROOT / "conf/digits.yaml", ["spark.workers=3"])
-    ds = L.data.load(cfg)
-    source = L.dataset_source(spark, cfg, ds, 10)
+def shard_rows(spark, source, world):
     import pyarrow as pa
 
     def rows(blobs):
         got = [b.column(L.ROW).to_numpy() for _, blob in blobs for b in pa.ipc.open_stream(pa.py_buffer(blob))]
-        yield sorted(np.concatenate(got).tolist()) if got else []
+        yield np.concatenate(got).tolist() if got else []
 
-    parts = L._shard(source, 3).mapPartitions(rows).collect()
-    assert parts == [list(range(r * 1797 // 3, (r + 1) * 1797 // 3)) for r in range(3)]
+    return L._shard(spark, source, world).mapPartitions(rows).collect()
+
+
+def test_partitions_hold_exactly_the_shards(spark):
+    cfg = L.config.load(ROOT / "conf/digits.yaml", ["spark.workers=3"])
+    ds = L.data.load(cfg)
+    expected = [list(range(r * 1797 // 3, (r + 1) * 1797 // 3)) for r in range(3)]
+    assert shard_rows(spark, L.dataset_source(spark, cfg, ds, 10), 3) == expected
+    import pyarrow as pa
+
+    df = spark.createDataFrame(pa.table({"features": list(ds.x.reshape(len(ds), -1)), "label": ds.y})).repartition(5)
+    df = df.localCheckpoint()  # a deterministic row order to compare against
+    got = shard_rows(spark, L.dataframe_source(spark, cfg, df), 3)
+    assert [sorted(p) for p in got] == expected
 
 
 def test_a_failing_task_ends_the_job_fast_and_the_session_stays_usable(spark, tmp_path):
@@ -120,7 +129,7 @@ def test_parquet_written_by_spark_streams_several_arrow_batches(spark, tmp_path)
         cfg = L.config.load(ROOT / "conf/xor.yaml", ["data.name=parquet", f"data.path={path}", "spark.workers=2",
                                                      "data.eval_fraction=0.1", "train.epochs=2"])
         source = L.parquet_source(spark, cfg)
-        blobs_per_partition = L._shard(source, 2).glom().map(len).collect()
+        blobs_per_partition = L._shard(spark, source, 2).glom().map(len).collect()
         assert min(blobs_per_partition) > 1, blobs_per_partition
         sets = ["data.name=parquet", f"data.path={path}", "spark.workers=2", "data.eval_fraction=0.1",
                 "train.epochs=2", "train.optimizer=sgd", "train.lr=0.1"]
