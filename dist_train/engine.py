@@ -118,16 +118,19 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     stopped_by = "epochs"
     last_log = (time.perf_counter(), pos.samples)
     loop_start = time.perf_counter()
-    step_stats = None
+    steps_run = 0  # in this process (a resumed run starts from 0 here)
     model.train()
     while pos.epoch < t.epochs and stopped_by == "epochs":
         batches = sharding.epoch_batches(
             n=data.n, seed=cfg.seed, epoch=pos.epoch, rank=comm.rank, world=comm.world_size,
             batch_size=t.batch_size, eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling,
             shuffle=t.shuffle)
-        if pos.batch == 0:
-            pos.epoch_loss, pos.epoch_count = 0.0, 0
         while True:
+            if t.max_steps is not None and pos.step >= t.max_steps:
+                stopped_by = "max_steps"  # also when resumed at the limit: no extra step
+                break
+            if pos.batch == 0:  # a new epoch's first step
+                pos.epoch_loss, pos.epoch_count = 0.0, 0
             t0 = time.perf_counter()
             rows = batches[pos.batch] if pos.batch < len(batches) else batches[:0]
             grads.zero()
@@ -155,16 +158,15 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             pos.samples += step_stats.count
             pos.epoch_loss += step_stats.loss * step_stats.count
             pos.epoch_count += step_stats.count
-            if pos.step == STEADY_SKIP:
+            steps_run += 1
+            if steps_run == STEADY_SKIP:
                 steady["t0"], steady["samples"] = t4, pos.samples
             if not step_stats.more:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
             if t.target_loss is not None and step_stats.loss <= t.target_loss:
                 stopped_by = "target_loss"  # same global loss on every worker: all stop together
-            elif t.max_steps is not None and pos.step >= t.max_steps:
-                stopped_by = "max_steps"
             if t.log_every and pos.step % t.log_every == 0:
-                last_log = _log_step(writer, pos, step_stats, cfg, last_log)
+                last_log = _log_step(writer, pos, step_stats, cfg, last_log, loop_start)
             if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
                 writer.checkpoint(pos.step, _state(model, optimizer, pos, cfg, comm), cfg.checkpoint.keep)
             if pos.batch == 0:  # the epoch just ended
@@ -234,11 +236,12 @@ def evaluate(cfg, comm, model, data: WorkerData, device, batch_size: int = 1024)
     return result
 
 
-def _log_step(writer, pos: Position, s, cfg, last_log):
+def _log_step(writer, pos: Position, s, cfg, last_log, t_start):
     now = time.perf_counter()
     rate = (pos.samples - last_log[1]) / max(now - last_log[0], 1e-9)
     rec = {"kind": "step", "step": pos.step, "epoch": pos.epoch if pos.batch else pos.epoch - 1,
-           "loss": s.loss, "samples": pos.samples, "samples_per_sec": rate, "lr": cfg.train.lr}
+           "loss": s.loss, "samples": pos.samples, "samples_per_sec": rate, "lr": cfg.train.lr,
+           "time": now - t_start}
     if cfg.train.loss != "mse":
         rec["accuracy"] = s.correct / s.count if s.count else None
     writer.metric(rec)
