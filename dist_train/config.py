@@ -108,6 +108,8 @@ KEYS: tuple[Key, ...] = (
     # comm
     Key("comm.timeout_s", float, 300.0, "seconds a collective may wait for a peer before the job fails",
         check=_positive),
+    Key("comm.shm", bool, True, "Spark: workers on one host sum gradients through shared memory, gloo "
+        "only between hosts (x86-64 Linux; elsewhere gloo throughout)"),
     # spark
     Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
     Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",

@@ -310,7 +310,7 @@ class _TrainTask:
         rank = ctx.partitionId()
         try:
             lo, x, y = self._assemble(rank, pieces)
-            comm = _rendezvous(ctx, rank, self.world, self.cfg.comm.timeout_s)
+            comm = _rendezvous(ctx, rank, self.world, self.cfg)
             threads = runtime.set_threads(runtime.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads))
             result = fit(self.cfg, comm, WorkerData(x, y, self.n, self.outputs, offset=lo), out_dir=self.out,
                          resume=self.resume, launcher="spark", threads=threads, write_outputs=False,
@@ -360,24 +360,33 @@ PEER_LOSS_GRACE_S = 3.0
 
 def _is_peer_loss(e: BaseException) -> bool:
     text = str(e)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "exited while"))
 
 
-def _rendezvous(ctx, rank: int, world: int, timeout_s: float):
-    """Rank 0 opens a TCPStore on its executor's address; allGather shares the port."""
+def _rendezvous(ctx, rank: int, world: int, cfg):
+    """Rank 0 opens a TCPStore on its executor's address; allGather shares the port and a
+    job token; same-host workers then sum through shared memory (comm.shm)."""
+    import uuid
+
     import torch.distributed as dist
 
-    from dist_train.comm import TorchDistComm
+    from dist_train import shm
+    from dist_train.comm import HostLocalComm, TorchDistComm
 
-    host = ctx.getTaskInfos()[0].address.rsplit(":", 1)[0]
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, 0, world, is_master=True, timeout=timeout, wait_for_workers=False) \
+    infos = ctx.getTaskInfos()
+    hosts = [info.address.rsplit(":", 1)[0] for info in infos]
+    timeout = timedelta(seconds=cfg.comm.timeout_s)
+    store = dist.TCPStore(hosts[0], 0, world, is_master=True, timeout=timeout, wait_for_workers=False) \
         if rank == 0 else None
-    ports = ctx.allGather(str(store.port) if store is not None else "")  # dist: rendezvous through Spark
+    mine = f"{store.port} {uuid.uuid4().hex}" if store is not None else ""
+    port, token = ctx.allGather(mine)[0].split()  # dist: rendezvous through Spark
     if store is None:
-        store = dist.TCPStore(host, int(ports[0]), world, is_master=False, timeout=timeout)
+        store = dist.TCPStore(hosts[0], int(port), world, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     _STORE.append(store)  # keep the store open while the group lives
+    if cfg.comm.shm and shm.supported():
+        return HostLocalComm(hosts, token, cfg.comm.timeout_s)
     return TorchDistComm()
 
 

@@ -138,3 +138,12 @@ def test_fit_python_api_returns_the_model():
     assert result.summary["steps"] == 50
     out = result.model(torch.from_numpy(ds.x))
     assert out.shape == (4, 2)
+
+
+def test_resume_at_the_step_limit_takes_no_extra_step(tmp_path):
+    cut = train(tmp_path, "conf/digits.yaml", "train.epochs=3", "model.hidden=[32]", "train.max_steps=10", name="cut")
+    before = weights(cut)
+    train(tmp_path, "conf/digits.yaml", "train.epochs=3", "model.hidden=[32]", "train.max_steps=10", name="cut",
+          resume=True)
+    assert summary(cut)["steps"] == 10 and summary(cut)["stopped_by"] == "max_steps"
+    assert all(torch.equal(v, weights(cut)[k]) for k, v in before.items())

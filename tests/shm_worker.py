@@ -1,0 +1,38 @@
+"""Worker body for test_shm.py (a module of its own so spawned processes can import it)."""
+
+import os
+import sys
+import time
+from datetime import timedelta
+
+
+def run(rank, world, port, hosts, token, mode, queue):
+    import torch
+    import torch.distributed as dist
+
+    from dist_train.comm import HostLocalComm
+
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=30))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+        comm = HostLocalComm(hosts, token, timeout_s=3.0, slot_bytes=4096)  # small slots: chunking is exercised
+        out = {}
+        for dtype in (torch.float32, torch.float64):
+            buf = torch.arange(5000, dtype=dtype) * (rank + 1)
+            comm.allreduce(buf)
+            out[str(dtype)] = buf.tolist()[:3] + [buf.sum().item()]
+        if mode == "die" and rank == 2:
+            os._exit(3)
+        if mode == "stall" and rank == 1:
+            time.sleep(6)
+        start = time.monotonic()
+        try:
+            comm.allreduce(torch.ones(10))
+            out["after"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            out["after"] = f"{type(e).__name__}: {e}"
+        out["seconds"] = time.monotonic() - start
+        queue.put((rank, out))
+    except BaseException as e:  # noqa: BLE001
+        queue.put((rank, {"error": repr(e)}))
+        sys.exit(1)

@@ -1,0 +1,62 @@
+"""Shared-memory allreduce among processes of one host, with gloo between 'hosts'."""
+
+import multiprocessing as mp
+import socket
+import uuid
+
+import pytest
+
+from dist_train import shm
+
+from . import shm_worker
+
+pytestmark = pytest.mark.skipif(not shm.supported(), reason="shared-memory allreduce needs x86-64 Linux")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(hosts, mode="ok", expect=None):
+    ctx = mp.get_context("spawn")
+    queue, world, port, token = ctx.Queue(), len(hosts), free_port(), uuid.uuid4().hex
+    procs = [ctx.Process(target=shm_worker.run, args=(r, world, port, hosts, token, mode, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in range(expect or world):
+        rank, out = queue.get(timeout=90)
+        results[rank] = out
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("hosts", [["h", "h", "h"], ["a", "a", "b"]], ids=["one-host", "two-hosts"])
+def test_allreduce_sums_exactly_in_both_dtypes(hosts):
+    results = launch(hosts)
+    n = 5000
+    for rank, out in results.items():
+        assert "error" not in out, out
+        for dtype in ("torch.float32", "torch.float64"):
+            first, second, third, total = out[dtype]
+            assert [first, second, third] == [0.0, 6.0, 12.0]  # i * (1 + 2 + 3)
+            assert total == pytest.approx(6 * n * (n - 1) / 2)
+        assert out["after"] == "ok"
+    assert not list(shm.SHM_DIR.glob("dist-train-*")), "segments are unlinked once mapped"
+
+
+def test_a_dead_peer_is_named_within_seconds():
+    results = launch(["h", "h", "h"], mode="die", expect=2)
+    for rank in (0, 1):
+        assert "rank 2" in results[rank]["after"] and "exited" in results[rank]["after"]
+        assert results[rank]["seconds"] < 5
+
+
+def test_a_stalled_peer_is_named_after_the_timeout():
+    results = launch(["h", "h", "h"], mode="stall", expect=2)
+    for rank in (0, 2):
+        assert "rank 1 did not arrive within 3 s (stalled)" in results[rank]["after"]
+        assert 3 <= results[rank]["seconds"] < 8
