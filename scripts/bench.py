@@ -1,22 +1,25 @@
 """Throughput benchmark: dist-train against its peers on the same cores, in one run.
 
-    .venv/bin/python scripts/bench.py            # 3 repetitions, median
-    .venv/bin/python scripts/bench.py --quick    # 1 repetition, fewer steps
+    .venv/bin/python scripts/bench.py                  # 3 repetitions, median; writes docs/bench.md + .png
+    .venv/bin/python scripts/bench.py --quick          # 1 repetition, fewer steps, Spark rows on mlp only (< 3 min)
 
 Workloads: conf/bench_mlp.yaml (784-512-512-10), bench_lenet.yaml, bench_wide.yaml
-(784-4096-4096-10), global batch 128, synthetic MNIST-shaped data. Reported: steady-state
-training samples/s (the first steps left out), the median over repetitions.
+(784-4096-4096-10, 20 M parameters); global batch 128, synthetic MNIST-shaped data.
+Reported: steady-state training samples/s (first 5 steps left out), median over repetitions.
 
-Rows:
-- local:          dist-train local mode (one process, all cores)
-- mpi-2:          dist-train under mpirun -n 2 (threads: cores / ranks = 1 each)
-- mpi-2 default:  the same with torch's default thread count (the thread budget's effect)
-- ddp-2:          PyTorch DDP, gloo, torchrun --nproc_per_node 2, 1 thread each
-- spark-2:        dist-train under spark-submit --master local[2], 2 workers
-- tdist-2:        pyspark's TorchDistributor (2 tasks on local[2]) running the DDP loop
-
-For the Spark rows the end-to-end wall time of the whole short job (JVM start included)
-is reported too.
+Rows (2 processes get 1 torch thread each, the single process all cores):
+  plain-1         the plain single-process PyTorch loop (peers/plain_loop.py)
+  local           dist-train local mode
+  mpi-2           dist-train, mpirun -n 2
+  mpi-2 threads=N the same with every rank on all cores (torch's default): the thread budget's effect
+  ddp-2           PyTorch DDP, gloo, torchrun --nproc_per_node 2 (peers/ddp_train.py)
+  ref-fused-2     hand-written mpi4py: flatten, one Allreduce, divide, copy back (peers/mpi_ref.py)
+  ref-pertensor-2 hand-written mpi4py, one Allreduce per gradient tensor
+  nosync-2        two processes that never exchange gradients: the ceiling on these cores
+  spark-2         dist-train, spark-submit --master local[2], 2 workers (wall time: the whole job)
+  tdist-2         pyspark's TorchDistributor, 2 tasks on local[2], running the DDP loop
+Horovod 0.28.1 does not build against torch 2.13 (C++17 headers vs its C++14 build), so its
+numbers are quoted from the issue's table, measured on this machine type elsewhere.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORKLOADS = {"mlp": "conf/bench_mlp.yaml", "lenet": "conf/bench_lenet.yaml", "wide": "conf/bench_wide.yaml"}
-ROOT_FLAG = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+STEPS = {"mlp": 150, "lenet": 100, "wide": 30}
+HOROVOD_QUOTED = {"mlp": 11800, "lenet": 9800, "wide": 470}  # issue 5's table; does not build here
+MPIRUN = [BIN / "mpirun", "-n", 2, "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
 
 
 def _env() -> dict:
@@ -45,15 +50,15 @@ def _env() -> dict:
     return e
 
 
-def _run(cmd, timeout=600) -> str:
+def _run(cmd, timeout=900) -> str:
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}{p.stdout[-2000:]}")
     return p.stdout
 
 
-def steps_for(workload: str, quick: bool) -> int:
-    return {"mlp": 150, "lenet": 100, "wide": 30}[workload] // (3 if quick else 1)
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
@@ -64,29 +69,47 @@ def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
         if launcher == "local":
             _run([sys.executable, ROOT / "launchers/local.py", *args])
         elif launcher == "mpi":
-            _run([BIN / "mpirun", "-n", 2, "--bind-to", "none", *ROOT_FLAG, sys.executable,
-                  ROOT / "launchers/mpi.py", *args])
+            _run([*MPIRUN, sys.executable, ROOT / "launchers/mpi.py", *args])
         else:
             _run([BIN / "spark-submit", "--master", "local[2]", "--conf", "spark.ui.enabled=false",
                   ROOT / "launchers/spark.py", *args, "--set", "spark.workers=2"])
         wall = time.perf_counter() - start
-        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-        return {"sps": summary["steady_samples_per_sec"], "wall": wall}
+        s = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+        return {"sps": s["steady_samples_per_sec"], "wall": wall, "comm_ms": 1000 * s["seconds"]["comm"] / s["steps"]}
 
 
-def ddp(config: str, steps: int) -> dict:
+def peer(cmd: list, timed: bool = False) -> dict:
     start = time.perf_counter()
-    out = _run([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", 29511,
-                ROOT / "scripts/peers/ddp_train.py", config, "--steps", steps])
-    return {"sps": json.loads(out.strip().splitlines()[-1])["steady_samples_per_sec"],
-            "wall": time.perf_counter() - start}
+    out = _last_json(_run(cmd))
+    return {"sps": out["steady_samples_per_sec"], "wall": time.perf_counter() - start}
 
 
-def torch_distributor(config: str, steps: int) -> dict:
-    start = time.perf_counter()
-    out = _run([sys.executable, ROOT / "scripts/peers/torch_distributor.py", config, "--steps", steps])
-    return {"sps": json.loads(out.strip().splitlines()[-1])["steady_samples_per_sec"],
-            "wall": time.perf_counter() - start}
+def runners(quick: bool, workload: str) -> dict:
+    cores = os.cpu_count() or 1
+    r = {
+        "plain-1": lambda c, s: peer([sys.executable, ROOT / "scripts/peers/plain_loop.py", c, "--steps", s]),
+        "local": lambda c, s: ours("local", c, s),
+        "mpi-2": lambda c, s: ours("mpi", c, s),
+        f"mpi-2 threads={cores}": lambda c, s: ours("mpi", c, s, [f"threads={cores}"]),
+        "ddp-2": lambda c, s: peer([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", 29511,
+                                    ROOT / "scripts/peers/ddp_train.py", c, "--steps", s]),
+        "ref-fused-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
+                                          "--mode", "fused", "--steps", s]),
+        "ref-pertensor-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
+                                              "--mode", "per_tensor", "--steps", s]),
+        "nosync-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
+                                       "--mode", "nosync", "--steps", s]),
+    }
+    if not quick or workload == "mlp":
+        r["spark-2"] = lambda c, s: ours("spark", c, s)
+        r["tdist-2"] = lambda c, s: peer([sys.executable, ROOT / "scripts/peers/torch_distributor.py", c,
+                                          "--steps", s])
+    return r
+
+
+def bare_allreduce_ms(config: str) -> float:
+    return _last_json(_run([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", config, "--mode", "bare"]))[
+        "allreduce_ms"]
 
 
 def median_of(fn, reps: int) -> dict:
@@ -94,47 +117,76 @@ def median_of(fn, reps: int) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def table(rows, reps: int) -> str:
+    names = []
+    for _, res, _ in rows:
+        names += [n for n in res if n not in names]
+    head = ["workload", *names, "horovod-2 (quoted)"]
+    lines = [f"Steady-state training samples/s, median of {reps}, {os.cpu_count()} cores, global batch 128.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for w, res, _ in rows:
+        lines.append(f"| {w} | " + " | ".join(f"{res[n]['sps']:,.0f}" if n in res else "-" for n in names)
+                     + f" | {HOROVOD_QUOTED[w]:,} |")
+    lines += ["", "| workload | local / plain-1 | mpi-2 / ddp-2 | mpi-2 / nosync-2 | mpi-2 / ref-fused-2 | "
+              "comm ms per step (ours) | bare Allreduce ms | comm / bare | thread budget gain | spark-2 / mpi-2 | "
+              "spark-2 wall / tdist-2 wall |", "|---" * 11 + "|"]
+    for w, r, bare in rows:
+        threads = next(n for n in r if n.startswith("mpi-2 threads"))
+        spark = (f"{r['spark-2']['sps'] / r['mpi-2']['sps']:.2f}x | {r['spark-2']['wall']:.1f} s / "
+                 f"{r['tdist-2']['wall']:.1f} s = {r['spark-2']['wall'] / r['tdist-2']['wall']:.2f}x"
+                 if "spark-2" in r else "- | -")
+        lines.append(
+            f"| {w} | {r['local']['sps'] / r['plain-1']['sps']:.2f}x | {r['mpi-2']['sps'] / r['ddp-2']['sps']:.2f}x"
+            f" | {r['mpi-2']['sps'] / r['nosync-2']['sps']:.2f}x | {r['mpi-2']['sps'] / r['ref-fused-2']['sps']:.2f}x"
+            f" | {r['mpi-2']['comm_ms']:.2f} | {bare:.2f} | {r['mpi-2']['comm_ms'] / bare:.2f}x"
+            f" | {r['mpi-2']['sps'] / r[threads]['sps']:.2f}x | {spark} |")
+    return "\n".join(lines)
+
+
+def chart(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4.5))
+    for ax, (w, res, _) in zip(axes if len(rows) > 1 else [axes], rows):
+        names = list(res) + ["horovod-2 (quoted)"]
+        values = [res[n]["sps"] for n in res] + [HOROVOD_QUOTED[w]]
+        colors = ["tab:blue" if n in ("local", "mpi-2", "spark-2") else "tab:gray" for n in names]
+        ax.barh(names[::-1], values[::-1], color=colors[::-1])
+        ax.set_title(f"{w}: samples/s (blue: dist-train)")
+        ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--workloads", default="mlp,lenet,wide")
-    p.add_argument("--markdown", type=Path, help="also write the table here")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.png (default docs/bench[-quick])")
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 3)
-    runners = {
-        "local": lambda c, s: ours("local", c, s),
-        "mpi-2": lambda c, s: ours("mpi", c, s),
-        "mpi-2 default threads": lambda c, s: ours("mpi", c, s, ["threads=" + str(os.cpu_count())]),
-        "ddp-2": ddp,
-        "spark-2": lambda c, s: ours("spark", c, s),
-        "tdist-2": torch_distributor,
-    }
     rows = []
     for w in args.workloads.split(","):
-        config, steps = WORKLOADS[w], steps_for(w, args.quick)
+        config, steps = WORKLOADS[w], STEPS[w] // (3 if args.quick else 1)
         res = {}
-        for name, fn in runners.items():
+        for name, fn in runners(args.quick, w).items():
             res[name] = median_of(lambda: fn(config, steps), reps)
-            print(f"  {w:6} {name:22} {res[name]['sps']:10,.0f} samples/s  {res[name]['wall']:6.1f} s wall",
+            print(f"  {w:6} {name:18} {res[name]['sps']:10,.0f} samples/s  {res[name]['wall']:6.1f} s wall",
                   file=sys.stderr, flush=True)
-        rows.append((w, res))
-    names = list(runners)
-    head = ["workload", *names, "mpi-2 / ddp-2", "thread budget gain", "spark-2 / mpi-2",
-            "spark wall / tdist wall"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for w, r in rows:
-        lines.append(f"| {w} | " + " | ".join(f"{r[n]['sps']:,.0f}" for n in names)
-                     + f" | {r['mpi-2']['sps'] / r['ddp-2']['sps']:.2f}x"
-                     + f" | {r['mpi-2']['sps'] / r['mpi-2 default threads']['sps']:.2f}x"
-                     + f" | {r['spark-2']['sps'] / r['mpi-2']['sps']:.2f}x"
-                     + f" | {r['spark-2']['wall']:.1f} s / {r['tdist-2']['wall']:.1f} s"
-                     + f" = {r['spark-2']['wall'] / r['tdist-2']['wall']:.2f}x |")
-    table = "\n".join(lines)
-    print(f"steady-state training samples/s, median of {reps} (global batch 128, {os.cpu_count()} cores)\n")
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
+        rows.append((w, res, bare_allreduce_ms(config)))
+    text = table(rows, reps)
+    print(text)
+    out = args.out or ROOT / "docs" / ("bench-quick" if args.quick else "bench")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text + "\n")
+    try:
+        chart(rows, out.with_suffix(".png"))
+    except ImportError:
+        print("(matplotlib not installed: no chart)", file=sys.stderr)
 
 
 if __name__ == "__main__":

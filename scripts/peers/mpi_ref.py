@@ -1,0 +1,86 @@
+"""Reference points for scripts/bench.py, written the way a user would by hand with mpi4py
+(no dist-train in the loop). Run under mpirun -n 2; rank 0 prints one JSON line.
+
+    mpirun -n 2 python scripts/peers/mpi_ref.py conf/bench_mlp.yaml --mode fused
+    --mode fused       flatten the grads, one Allreduce, divide, copy back (the best peer)
+    --mode per_tensor  one Allreduce per gradient tensor
+    --mode nosync      no exchange at all: the ceiling for data parallelism on these cores
+    --mode bare        time one Allreduce of the model's gradient bytes (ms, median)
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from dist_train import config, data, models
+
+p = argparse.ArgumentParser()
+p.add_argument("config")
+p.add_argument("--mode", default="fused", choices=["fused", "per_tensor", "nosync", "bare"])
+p.add_argument("--steps", type=int, default=100)
+p.add_argument("--warmup", type=int, default=5)
+a = p.parse_args()
+
+comm = MPI.COMM_WORLD
+rank, world = comm.Get_rank(), comm.Get_size()
+torch.set_num_threads(1)
+cfg = config.load(a.config)
+ds = data.load(cfg)
+torch.manual_seed(cfg.seed)
+model = models.build(cfg, ds.sample_shape, ds.classes)
+params = list(model.parameters())
+
+if a.mode == "bare":
+    buf = torch.zeros(sum(q.numel() for q in params))
+    times = []
+    for _ in range(a.warmup + 20):
+        comm.Barrier()
+        t = time.perf_counter()
+        comm.Allreduce(MPI.IN_PLACE, buf)
+        times.append(time.perf_counter() - t)
+    if rank == 0:
+        print(json.dumps({"allreduce_ms": 1000 * statistics.median(times[a.warmup:]), "bytes": buf.numel() * 4}))
+    sys.exit(0)
+
+opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum)
+local = cfg.train.batch_size // world
+shard = np.arange(rank * len(ds) // world, (rank + 1) * len(ds) // world)
+rng = np.random.default_rng([cfg.seed, rank])
+order, pos = rng.permutation(shard), 0
+comm.Barrier()
+for step in range(a.steps + a.warmup):
+    if step == a.warmup:
+        t0 = time.perf_counter()
+    if pos + local > len(order):
+        order, pos = rng.permutation(shard), 0
+    idx = order[pos:pos + local]
+    pos += local
+    opt.zero_grad()
+    F.cross_entropy(model(torch.from_numpy(ds.x[idx])), torch.from_numpy(ds.y[idx])).backward()
+    if a.mode == "fused":
+        flat = torch.cat([q.grad.reshape(-1) for q in params])
+        comm.Allreduce(MPI.IN_PLACE, flat)
+        flat /= world
+        off = 0
+        for q in params:
+            q.grad.copy_(flat[off:off + q.numel()].view_as(q))
+            off += q.numel()
+    elif a.mode == "per_tensor":
+        for q in params:
+            comm.Allreduce(MPI.IN_PLACE, q.grad)
+            q.grad /= world
+    opt.step()
+elapsed = time.perf_counter() - t0
+rates = comm.gather(a.steps * local / elapsed)
+if rank == 0:
+    print(json.dumps({"steady_samples_per_sec": sum(rates)}))
