@@ -90,7 +90,8 @@ def runners(quick: bool, workload: str) -> dict:
         "plain-1": lambda c, s: peer([sys.executable, ROOT / "scripts/peers/plain_loop.py", c, "--steps", s]),
         "local": lambda c, s: ours("local", c, s),
         "mpi-2": lambda c, s: ours("mpi", c, s),
-        f"mpi-2 threads={cores}": lambda c, s: ours("mpi", c, s, [f"threads={cores}"]),
+        # oversubscribed threads are slow: a few steps show it
+        f"mpi-2 threads={cores}": lambda c, s: ours("mpi", c, min(s, 20), [f"threads={cores}"]),
         "ddp-2": lambda c, s: peer([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", 29511,
                                     ROOT / "scripts/peers/ddp_train.py", c, "--steps", s]),
         "ref-fused-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
@@ -171,7 +172,7 @@ def main() -> None:
     reps = args.reps or (1 if args.quick else 3)
     rows = []
     for w in args.workloads.split(","):
-        config, steps = WORKLOADS[w], STEPS[w] // (3 if args.quick else 1)
+        config, steps = WORKLOADS[w], STEPS[w] // (5 if args.quick else 1)
         res = {}
         for name, fn in runners(args.quick, w).items():
             res[name] = median_of(lambda: fn(config, steps), reps)
