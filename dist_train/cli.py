@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config, data, validate
-from .errors import UserError
+from .errors import TrainingError, UserError
 from .outputs import prepare_out_dir
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAINING_ERROR_EXIT = 3  # training stopped on purpose, on every worker at the same step
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +80,9 @@ def guarded(fn):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(e.exit_code) from None
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(TRAINING_ERROR_EXIT) from None
         except KeyboardInterrupt:
             raise SystemExit(130) from None
 

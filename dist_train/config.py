@@ -101,6 +101,8 @@ KEYS: tuple[Key, ...] = (
     Key("train.log_every", int, 10, "write a metrics line every N steps (0: once per epoch)", check=_non_negative),
     Key("train.target_loss", float, None, "stop once the globally averaged training loss of a step is <= this",
         optional=True, check=_non_negative),
+    Key("train.skip_nonfinite", bool, False, "on a NaN/Inf loss on any worker, every worker skips that step "
+        "(false: stop with an error naming the step and ranks)"),
     Key("train.max_steps", int, None, "stop after this many optimizer steps in all", optional=True, check=_positive),
     # checkpoint
     Key("checkpoint.every_steps", int, 0, "write a checkpoint every N steps (0: only at the end)", check=_non_negative),
@@ -108,6 +110,8 @@ KEYS: tuple[Key, ...] = (
     # comm
     Key("comm.timeout_s", float, 300.0, "seconds a collective may wait for a peer before the job fails",
         check=_positive),
+    Key("comm.check_every_steps", int, 100, "compare a checksum of the parameters across workers every N steps "
+        "and stop if they drifted apart (0: never)", check=_non_negative),
     Key("comm.shm", bool, True, "Spark: workers on one host sum gradients through shared memory, gloo "
         "only between hosts (x86-64 Linux; elsewhere gloo throughout)"),
     # spark

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from . import checkpoint, config, losses, models, sharding
-from .errors import UserError
-from .gradsync import FusedGrads, broadcast_parameters
+from .errors import TrainingError, UserError
+from .gradsync import FusedGrads, broadcast_parameters, parameter_checksums
 from .outputs import RunWriter, write_final
 from .runtime import resolve_device
 
@@ -119,6 +119,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     last_log = (time.perf_counter(), pos.samples)
     loop_start = time.perf_counter()
     steps_run = 0  # in this process (a resumed run starts from 0 here)
+    skipped = 0  # steps skipped for a non-finite loss
     model.train()
     while pos.epoch < t.epochs and stopped_by == "epochs":
         batches = sharding.epoch_batches(
@@ -146,23 +147,35 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             else:
                 t1 = time.perf_counter()
             t2 = time.perf_counter()
+            comm.step = pos.step + 1  # names the step in a stall report
             step_stats = grads.sync(comm, count, loss_sum, right, pos.batch + 1 < len(batches))
             t3 = time.perf_counter()
-            optimizer.step()
+            if step_stats.nonfinite:  # every worker sees the same flags: all act alike
+                where = ", ".join(map(str, step_stats.nonfinite_ranks)) or f"{step_stats.nonfinite} workers"
+                if not t.skip_nonfinite:
+                    raise TrainingError(f"non-finite loss at step {pos.step + 1} on rank(s) {where} "
+                                        f"(set train.skip_nonfinite: true to skip such steps)")
+                writer.log(f"[dist-train] step {pos.step + 1}: non-finite loss on rank(s) {where}; step skipped")
+                skipped += 1
+            else:
+                optimizer.step()
             t4 = time.perf_counter()
             timing["data"] += t1 - t0
             timing["compute"] += (t2 - t1) + (t4 - t3)
             timing["comm"] += t3 - t2
             pos.step += 1
             pos.batch += 1
-            pos.samples += step_stats.count
-            pos.epoch_loss += step_stats.loss * step_stats.count
-            pos.epoch_count += step_stats.count
+            if not step_stats.nonfinite:
+                pos.samples += step_stats.count
+                pos.epoch_loss += step_stats.loss * step_stats.count
+                pos.epoch_count += step_stats.count
             steps_run += 1
             if steps_run == STEADY_SKIP:
                 steady["t0"], steady["samples"] = t4, pos.samples
             if not step_stats.more:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
+            if cfg.comm.check_every_steps and pos.step % cfg.comm.check_every_steps == 0:
+                _check_in_step(comm, model, pos.step)
             if t.target_loss is not None and step_stats.loss <= t.target_loss:
                 stopped_by = "target_loss"  # same global loss on every worker: all stop together
             if t.log_every and pos.step % t.log_every == 0:
@@ -188,6 +201,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         "steps": pos.step,
         "epochs": pos.epoch,
         "stopped_by": stopped_by,
+        "skipped_nonfinite_steps": skipped,
         "final_train_loss": final_loss,
         "eval": evaluation,
         "samples": pos.samples,
@@ -284,6 +298,17 @@ def _restore(ckpt: dict, model, optimizer, cfg, world_size: int) -> Position:
                         f"data.sampling shard; resume with the same world size or use global sampling")
     torch.set_rng_state(ckpt["rng"])
     return Position(**ckpt["position"])
+
+
+def _check_in_step(comm, model, step: int) -> None:
+    """Stop every worker if their parameters drifted apart (invariant 5)."""
+    if comm.world_size == 1:
+        return
+    sums = parameter_checksums(comm, model)
+    off = [r for r, v in enumerate(sums) if v != sums[0]]
+    if off:
+        raise TrainingError(f"parameters differ across workers at step {step}: rank(s) {', '.join(map(str, off))} "
+                            f"differ from rank 0 (checksums {[sums[0]] + [sums[r] for r in off]})")
 
 
 def _agree_on_start(comm, step: int, device) -> None:

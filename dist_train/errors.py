@@ -25,3 +25,8 @@ class DataError(UserError):
 
     def __init__(self, problem: str):
         super().__init__(f"data error: {problem}")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, workers out of step); every worker raises it at
+    the same step, so no one is left waiting."""

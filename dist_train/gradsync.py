@@ -4,7 +4,7 @@ Every trainable parameter's `.grad` is a view into one flat buffer, so backward 
 straight into it: no packing before the allreduce, no unpacking after. Behind the
 gradients sit a few statistics of the local batch, summed in the same collective:
 
-    [ grads ... | sample count | loss sum | correct | has more batches ]
+    [ grads ... | sample count | loss sum | correct | has more batches | non-finite | which ranks ]
 
 One allreduce(sum) then gives the global count, so the division by it is exact even
 when local batches differ in size or are empty, and it costs no extra collective. We
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-TAIL = 4  # count, loss sum, correct, more
+TAIL = 6  # count, loss sum, correct, more, workers with a non-finite loss, bitmask of those ranks (< 24)
+MASK_RANKS = 24  # ranks a float32 bitmask names exactly
 
 
 @dataclass
@@ -28,6 +29,8 @@ class StepStats:
     loss: float  # mean loss over the global batch
     correct: int  # correct predictions in the global batch
     more: bool  # does any worker have another batch this epoch
+    nonfinite: int = 0  # workers whose loss was NaN or Inf
+    nonfinite_ranks: tuple[int, ...] = ()  # which (those below MASK_RANKS)
 
 
 class FusedGrads:
@@ -62,8 +65,17 @@ class FusedGrads:
         tail[1] = loss_sum
         tail[2] = correct
         tail[3] = 1.0 if more else 0.0
+        if isinstance(loss_sum, torch.Tensor):  # stays on the device: no sync here
+            bad = torch.logical_not(torch.isfinite(loss_sum)).to(tail.dtype)
+            tail[4] = bad
+            tail[5] = bad * float(1 << comm.rank) if comm.rank < MASK_RANKS else 0.0
+        else:
+            tail[4:6] = 0.0
         comm.allreduce(self.flat)  # dist: the one collective of a training step
-        total, loss, right, more_any = tail.tolist()
+        total, loss, right, more_any, bad_workers, mask = tail.tolist()
+        if bad_workers:
+            ranks = tuple(r for r in range(MASK_RANKS) if int(mask) >> r & 1)
+            return StepStats(int(round(total)), float("nan"), 0, more_any > 0.5, int(round(bad_workers)), ranks)
         if total > 0:
             self.grads.div_(total)
         return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5)
@@ -81,3 +93,13 @@ def broadcast_parameters(comm, model: nn.Module, root: int = 0) -> None:
         for t in tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def parameter_checksums(comm, model: nn.Module) -> list[float]:
+    """Every worker's checksum of its parameters (float64 sums), the same list everywhere."""
+    sums = torch.zeros(comm.world_size, dtype=torch.float64)
+    with torch.no_grad():
+        sums[comm.rank] = sum(float(p.detach().double().sum()) + 1e-3 * float(p.detach().double().abs().sum())
+                              for p in model.parameters())
+    comm.allreduce(sums)  # dist: compare parameters across workers
+    return sums.tolist()

@@ -13,29 +13,60 @@ This is the only module that imports mpi4py.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 from mpi4py import MPI
 
 from dist_train import cli, runtime
 from dist_train.comm import Communicator
 from dist_train.engine import WorkerData, fit
-from dist_train.errors import UserError
+from dist_train.errors import TrainingError, UserError
 
 
 class MPIComm(Communicator):
-    """Buffer-based collectives: contiguous CPU tensors go to MPI without a copy."""
+    """Buffer-based collectives: contiguous CPU tensors go to MPI without a copy.
 
-    def __init__(self, comm=MPI.COMM_WORLD):
+    With `timeout_s`, a watchdog catches a rank that stops making progress without dying
+    (stuck in user code, sleeping): every rank tells rank 0, with a 16-byte non-blocking
+    message on a duplicate communicator, when it enters a collective; rank 0's watchdog
+    thread sees which ranks stay behind the others for longer than the timeout, names
+    them and the step, and aborts the job. MPI itself would wait forever."""
+
+    HEARTBEAT = 7
+
+    def __init__(self, comm=MPI.COMM_WORLD, timeout_s: float | None = None):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
+        self.step = 0  # set by the training loop: the step a collective belongs to
+        self._ops = 0
+        self._beat = np.zeros(2, dtype=np.int64)
+        self._sent = None
+        self._watchdog = None
+        if timeout_s and self.world_size > 1:
+            self.monitor = comm.Dup()
+            if self.rank == 0:
+                self._watchdog = _Watchdog(self, timeout_s)
+
+    def _enter(self):
+        self._ops += 1
+        if self._watchdog is not None:
+            self._watchdog.seen(0, self._ops, self.step)
+        elif hasattr(self, "monitor"):
+            if self._sent is not None:
+                self._sent.Wait()  # long done: an eager 16-byte message
+            self._beat[:] = (self._ops, self.step)
+            self._sent = self.monitor.Isend(self._beat, dest=0, tag=self.HEARTBEAT)
 
     def allreduce(self, buf):
+        self._enter()
         if buf.device.type == "cpu":
             self.comm.Allreduce(MPI.IN_PLACE, buf)
         else:  # MPI reduces host memory here: stage through the CPU
@@ -44,6 +75,7 @@ class MPIComm(Communicator):
             buf.copy_(host)
 
     def broadcast(self, buf, root=0):
+        self._enter()
         if buf.device.type == "cpu":
             self.comm.Bcast(buf, root=root)
         else:
@@ -52,12 +84,58 @@ class MPIComm(Communicator):
             buf.copy_(host)
 
     def barrier(self):
+        self._enter()
         self.comm.Barrier()
 
     def abort(self, code=1):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.comm.Abort(code)
+        _abort(self.comm, code)
+
+    def close(self):
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self._sent is not None:
+            self._sent.Wait()
+
+
+class _Watchdog(threading.Thread):
+    """Rank 0's thread: collects heartbeats, aborts the world on a stall."""
+
+    def __init__(self, comm: MPIComm, timeout_s: float):
+        super().__init__(daemon=True, name="dist-train-watchdog")
+        self.c, self.timeout_s = comm, timeout_s
+        self.ops = [0] * comm.world_size
+        self.steps = [0] * comm.world_size
+        self.ahead_since = None
+        self._stop = threading.Event()
+        self.start()
+
+    def seen(self, rank, ops, step):
+        self.ops[rank], self.steps[rank] = ops, step
+
+    def stop(self):
+        self._stop.set()
+        self.join(timeout=5)
+
+    def run(self):
+        beat = np.zeros(2, dtype=np.int64)
+        status = MPI.Status()
+        while not self._stop.is_set():
+            while self.c.monitor.Iprobe(source=MPI.ANY_SOURCE, tag=MPIComm.HEARTBEAT, status=status):
+                self.c.monitor.Recv(beat, source=status.Get_source(), tag=MPIComm.HEARTBEAT)
+                self.seen(status.Get_source(), int(beat[0]), int(beat[1]))
+            top = max(self.ops)
+            behind = [r for r, o in enumerate(self.ops) if o < top]
+            if not behind:
+                self.ahead_since = None
+            elif self.ahead_since is None:
+                self.ahead_since = time.monotonic()
+            elif time.monotonic() - self.ahead_since > self.timeout_s:
+                step = max(self.steps)
+                print(f"error: rank(s) {', '.join(map(str, behind))} stalled: no progress for "
+                      f"{self.timeout_s:g} s at step {step} while the other ranks wait in its collective "
+                      f"(comm.timeout_s); aborting all {self.c.world_size} ranks", file=sys.stderr, flush=True)
+                self.c.comm.Abort(1)
+            self._stop.wait(0.02)
 
 
 def host_layout(comm=MPI.COMM_WORLD) -> tuple[int, int]:
@@ -69,50 +147,65 @@ def host_layout(comm=MPI.COMM_WORLD) -> tuple[int, int]:
         local.Free()
 
 
-def _prepare_everywhere(comm: MPIComm, argv):
+def _prepare_everywhere(world, argv):
     """Check the job on every rank; all ranks agree to go on or all exit 2 (no one waits)."""
     job, problem = None, None
     try:
         args = cli.job_parser("launchers/mpi.py").parse_args(argv)
-        job = cli.prepare(args, comm.world_size)
+        job = cli.prepare(args, world.Get_size())
     except UserError as e:
         problem = str(e)
-    problems = comm.comm.allgather(problem)  # dist: small metadata, pickled (lowercase call)
+    problems = world.allgather(problem)  # dist: small metadata, pickled (lowercase call)
     failed = [(r, p) for r, p in enumerate(problems) if p]
     if failed:
         first_rank, first = failed[0]
-        if comm.rank == first_rank:
-            everywhere = len(failed) == comm.world_size and all(p == first for _, p in failed)
+        if world.Get_rank() == first_rank:
+            everywhere = len(failed) == world.Get_size() and all(p == first for _, p in failed)
             print(f"error: {first}" if everywhere else f"error: [rank {first_rank}] {first}",
                   file=sys.stderr, flush=True)
         raise SystemExit(2)
     return job
 
 
-def _train(comm: MPIComm, argv) -> None:
-    job = _prepare_everywhere(comm, argv)
-    local_rank, local_size = host_layout()
+def _train(world, argv) -> None:
+    job = _prepare_everywhere(world, argv)
+    comm = MPIComm(world, timeout_s=job.cfg.comm.timeout_s)
+    local_rank, local_size = host_layout(world)
     threads = runtime.set_threads(runtime.thread_budget(local_workers=local_size, override=job.cfg.threads))
-    fit(job.cfg, comm, WorkerData.whole(job.dataset, job.outputs), out_dir=job.out, resume=job.resume,
-        launcher="mpi", local_rank=local_rank, threads=threads)
+    try:
+        fit(job.cfg, comm, WorkerData.whole(job.dataset, job.outputs), out_dir=job.out, resume=job.resume,
+            launcher="mpi", local_rank=local_rank, threads=threads)
+    finally:
+        comm.close()
+
+
+def _abort(world, code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    world.Abort(code)
 
 
 def main(argv: list[str] | None = None) -> int:
-    comm = MPIComm()
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
     try:
-        _train(comm, argv)
+        _train(world, argv)
+    except TrainingError as e:  # raised by every rank at the same step: no one waits, no abort needed
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(cli.TRAINING_ERROR_EXIT) from None
     except SystemExit as e:
         if e.code not in (0, None, 2):
-            comm.abort(int(e.code) if isinstance(e.code, int) else 1)
+            _abort(world, int(e.code) if isinstance(e.code, int) else 1)
         raise  # 0, or 2 after every rank agreed on the error: a clean exit
     except BaseException as e:  # noqa: BLE001 - any failure on any rank must end the whole world
         if isinstance(e, UserError):  # found by one rank mid-run: the others are waiting on it
-            print(f"error: [rank {comm.rank}] {e}", file=sys.stderr, flush=True)
-            comm.abort(2)
-        detail = "".join(traceback.format_exception(e)).rstrip().replace("\n", f"\n[rank {comm.rank}] ")
-        print(f"[rank {comm.rank}] {detail}\n[rank {comm.rank}] error: rank {comm.rank} failed with "
-              f"{type(e).__name__}: {e}; aborting all {comm.world_size} ranks", file=sys.stderr, flush=True)
-        comm.abort(1)
+            print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+            _abort(world, 2)
+        detail = "".join(traceback.format_exception(e)).rstrip().replace("\n", f"\n[rank {rank}] ")
+        print(f"[rank {rank}] {detail}\n[rank {rank}] error: rank {rank} failed with "
+              f"{type(e).__name__}: {e}; aborting all {world.Get_size()} ranks", file=sys.stderr, flush=True)
+        _abort(world, 1)
     return 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,11 +51,23 @@ def _env() -> dict:
     return e
 
 
-def _run(cmd, timeout=900) -> str:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-3000:]}{p.stdout[-2000:]}")
-    return p.stdout
+class Hung(RuntimeError):
+    """A run that did not finish within its time limit (recorded, not fatal)."""
+
+
+def _run(cmd, timeout=240) -> str:
+    """Run a benchmark command in its own process group; past `timeout` kill the group."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise Hung(f"{' '.join(map(str, cmd[:4]))} ... did not finish in {timeout} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{err[-3000:]}{out[-2000:]}")
+    return out
 
 
 def _last_json(out: str) -> dict:
@@ -114,8 +127,16 @@ def bare_allreduce_ms(config: str) -> float:
 
 
 def median_of(fn, reps: int) -> dict:
-    runs = [fn() for _ in range(reps)]
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    runs, hung = [], 0
+    for _ in range(reps):
+        try:
+            runs.append(fn())
+        except Hung as e:
+            print(f"  HUNG: {e}", file=sys.stderr, flush=True)
+            hung += 1
+    if not runs:
+        return {"sps": float("nan"), "wall": float("nan"), "comm_ms": float("nan"), "hung": hung}
+    return {**{k: statistics.median(r[k] for r in runs) for k in runs[0]}, "hung": hung}
 
 
 def table(rows, reps: int) -> str:
@@ -126,7 +147,7 @@ def table(rows, reps: int) -> str:
     lines = [f"Steady-state training samples/s, median of {reps}, {os.cpu_count()} cores, global batch 128.", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for w, res, _ in rows:
-        lines.append(f"| {w} | " + " | ".join(f"{res[n]['sps']:,.0f}" if n in res else "-" for n in names)
+        lines.append(f"| {w} | " + " | ".join(_cell(res.get(n)) for n in names)
                      + f" | {HOROVOD_QUOTED[w]:,} |")
     lines += ["", "| workload | local / plain-1 | mpi-2 / ddp-2 | mpi-2 / nosync-2 | mpi-2 / ref-fused-2 | "
               "comm ms per step (ours) | bare Allreduce ms | comm / bare | thread budget gain | spark-2 / mpi-2 | "
@@ -142,6 +163,14 @@ def table(rows, reps: int) -> str:
             f" | {r['mpi-2']['comm_ms']:.2f} | {bare:.2f} | {r['mpi-2']['comm_ms'] / bare:.2f}x"
             f" | {r['mpi-2']['sps'] / r[threads]['sps']:.2f}x | {spark} |")
     return "\n".join(lines)
+
+
+def _cell(r) -> str:
+    if r is None:
+        return "-"
+    if r["sps"] != r["sps"]:
+        return "hung"
+    return f"{r['sps']:,.0f}" + (f" ({r['hung']} hung)" if r.get("hung") else "")
 
 
 def chart(rows, path: Path) -> None:

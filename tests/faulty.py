@@ -34,14 +34,20 @@ class Faulty(nn.Module):
         self.calls = 0
 
     def forward(self, x):
+        out = self.net(x)
         if torch.is_grad_enabled():  # training steps only, not the validation probe or eval
             self.calls += 1
             if self.heartbeat:  # lets a test see whether any worker is still training
                 with open(f"{self.heartbeat}.{current_rank()}", "w") as f:
                     f.write(str(self.calls))
             if self.calls == self.fail_step and current_rank() == self.fail_rank and self._armed():
+                if self.mode == "nan":
+                    return out * float("nan")
+                if self.mode == "drift":  # this worker's weights leave the others'
+                    with torch.no_grad():
+                        next(self.parameters()).add_(0.5)
                 self._fail()
-        return self.net(x)
+        return out
 
     def _armed(self) -> bool:
         """With a marker file, fail only once (the first attempt of a retried job)."""

@@ -100,6 +100,23 @@ def test_a_failing_task_ends_the_job_fast_and_the_session_stays_usable(spark, tm
     assert result.summary["eval"]["accuracy"] == 1.0
 
 
+def test_a_stalled_task_is_named(spark, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(L.TrainingFailed) as e:
+        L.train(spark, ROOT / "conf/digits.yaml", sets=[
+            "train.epochs=50", "spark.workers=2", "comm.timeout_s=4", "model.target=tests.faulty:model",
+            "model.kwargs={fail_rank: 1, fail_step: 4, mode: sleep}"])
+    assert time.monotonic() - start < 40
+    assert "rank 1 did not arrive within 4 s (stalled)" in str(e.value), str(e.value)[:300]
+
+
+def test_nan_on_one_task_stops_the_job_naming_step_and_rank(spark):
+    with pytest.raises(L.TrainingFailed, match=r"non-finite loss at step 3 on rank\(s\) 1"):
+        L.train(spark, ROOT / "conf/digits.yaml", sets=[
+            "train.epochs=50", "spark.workers=2", "model.target=tests.faulty:model",
+            "model.kwargs={fail_rank: 1, fail_step: 3, mode: nan}"])
+
+
 def test_driver_retries_from_the_newest_checkpoint(spark, tmp_path, capsys):
     common = ["train.epochs=3", "spark.workers=2", "checkpoint.every_steps=5", "model.target=tests.faulty:model",
               "train.log_every=0"]

