@@ -12,6 +12,7 @@ This is the only module that imports mpi4py.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -106,20 +107,20 @@ class _Watchdog(threading.Thread):
         self.ops = [0] * comm.world_size
         self.steps = [0] * comm.world_size
         self.ahead_since = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.start()
 
     def seen(self, rank, ops, step):
         self.ops[rank], self.steps[rank] = ops, step
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
     def run(self):
         beat = np.zeros(2, dtype=np.int64)
         status = MPI.Status()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             while self.c.monitor.Iprobe(source=MPI.ANY_SOURCE, tag=MPIComm.HEARTBEAT, status=status):
                 self.c.monitor.Recv(beat, source=status.Get_source(), tag=MPIComm.HEARTBEAT)
                 self.seen(status.Get_source(), int(beat[0]), int(beat[1]))
@@ -135,7 +136,7 @@ class _Watchdog(threading.Thread):
                       f"{self.timeout_s:g} s at step {step} while the other ranks wait in its collective "
                       f"(comm.timeout_s); aborting all {self.c.world_size} ranks", file=sys.stderr, flush=True)
                 self.c.comm.Abort(1)
-            self._stop.wait(0.02)
+            self._halt.wait(0.02)
 
 
 def host_layout(comm=MPI.COMM_WORLD) -> tuple[int, int]:
@@ -185,9 +186,25 @@ def _abort(world, code: int) -> None:
     world.Abort(code)
 
 
+def _exit_with_parent(rank: int, interval_s: float = 0.5) -> None:
+    """If mpirun is killed (kill -9 of the job), its ranks are orphaned and would train on:
+    poll for a new parent and leave (TorchDistributor does the same for its children)."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                print(f"[rank {rank}] mpirun (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="dist-train-parent-watch").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
+    _exit_with_parent(rank)
     try:
         _train(world, argv)
     except TrainingError as e:  # raised by every rank at the same step: no one waits, no abort needed
