@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import time
 import traceback
@@ -377,8 +378,12 @@ def _rendezvous(ctx, rank: int, world: int, cfg):
     infos = ctx.getTaskInfos()
     hosts = [info.address.rsplit(":", 1)[0] for info in infos]
     timeout = timedelta(seconds=cfg.comm.timeout_s)
-    store = dist.TCPStore(hosts[0], 0, world, is_master=True, timeout=timeout, wait_for_workers=False) \
-        if rank == 0 else None
+    store = None
+    if rank == 0:  # listen only on the address Spark gave this task (TCPStore alone would listen on all)
+        sock = socket.create_server((hosts[0], 0), backlog=max(128, world))
+        store = dist.TCPStore(hosts[0], sock.getsockname()[1], world, is_master=True, timeout=timeout,
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+        _STORE.append(sock)
     mine = f"{store.port} {uuid.uuid4().hex}" if store is not None else ""
     port, token = ctx.allGather(mine)[0].split()  # dist: rendezvous through Spark
     if store is None:

@@ -16,11 +16,12 @@ measured bare Allreduce time through shared memory instead of the network model.
 
 import argparse
 
-# per-worker compute for a local batch of 64 on one core, and gradient bytes (scripts/bench.py, this machine)
+# per-worker compute for a local batch of 64 on one core (no-sync row), gradient bytes, bare Allreduce and
+# dist-train's measured 2-rank samples/s: docs/bench.md (scripts/bench.py, median of 3, this machine)
 WORKLOADS = {
-    "mlp": {"c_ms": 64 / (30277 / 2) * 1000, "bytes": 2_678_824, "bare2_ms": 0.35, "mpi2_sps": 21406},
-    "lenet": {"c_ms": 64 / (11275 / 2) * 1000, "bytes": 246_824, "bare2_ms": 0.11, "mpi2_sps": 13199},
-    "wide": {"c_ms": 64 / (928 / 2) * 1000, "bytes": 80_150_584 - 16, "bare2_ms": 40.56, "mpi2_sps": 638},
+    "mlp": {"c_ms": 64 / (34549 / 2) * 1000, "bytes": 2_678_824, "bare2_ms": 0.27, "mpi2_sps": 21951},
+    "lenet": {"c_ms": 64 / (12082 / 2) * 1000, "bytes": 246_824, "bare2_ms": 0.08, "mpi2_sps": 12407},
+    "wide": {"c_ms": 64 / (770 / 2) * 1000, "bytes": 80_150_568, "bare2_ms": 46.60, "mpi2_sps": 490},
 }
 
 

@@ -33,9 +33,9 @@ def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProce
                           cwd=ROOT, **kw)
 
 
-def local(config, out, *sets, timeout=120):
+def local(config, out, *sets, resume=False, timeout=120):
     return run([sys.executable, ROOT / "launchers/local.py", config, "--out", out,
-                *[a for s in sets for a in ("--set", s)]], timeout=timeout)
+                *[a for s in sets for a in ("--set", s)]] + (["--resume"] if resume else []), timeout=timeout)
 
 
 def mpirun(n, config, out, *sets, extra=(), resume=False, timeout=120):

@@ -196,9 +196,10 @@ def test_too_few_slots_fail_at_once(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.fixture
-def standalone(tmp_path):
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
     """A Spark master and two 1-core workers on 127.0.0.1, from the pyspark installation."""
+    tmp_path = tmp_path_factory.mktemp("standalone")
     e = env()
     e.update(PYSPARK_PYTHON=sys.executable, SPARK_LOG_DIR=str(tmp_path / "logs"), SPARK_WORKER_DIR=str(tmp_path / "w"))
     klass = str(BIN / "spark-class")
@@ -243,3 +244,28 @@ def test_standalone_cluster_through_spark_submit(standalone, tmp_path):
     assert s["world_size"] == 2 and s["launcher"] == "spark"
     ok(mpirun(2, "conf/digits.yaml", tmp_path / "mpi", *SMALL))
     assert_same_weights(tmp_path / "run", tmp_path / "mpi")
+
+
+def test_an_executor_killed_mid_training_is_survived_by_a_retry(standalone, tmp_path):
+    """kill -9 of one executor JVM (the Worker starts a new one); attempt 2 resumes from the checkpoint."""
+    e = env()
+    e.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    out = tmp_path / "run"
+    sets = ["model.hidden=[512, 512]", "train.epochs=40", "train.log_every=0", "checkpoint.every_steps=50",
+            "spark.workers=2", "spark.max_attempts=2"]
+    cmd = [str(BIN / "spark-submit"), "--master", standalone, "--conf", "spark.ui.enabled=false",
+           str(ROOT / "launchers/spark.py"), "conf/digits.yaml", "--out", str(out)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("*.sha256")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    executors = subprocess.run(["pgrep", "-f", "CoarseGrainedExecutorBackend"], capture_output=True,
+                               text=True).stdout.split()
+    assert executors, "no executor to kill"
+    os.kill(int(executors[0]), 9)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-4000:]
+    assert "attempt 1 failed" in output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["epochs"] == 40 and s["world_size"] == 2

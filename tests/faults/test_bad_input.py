@@ -17,7 +17,7 @@ from ..helpers import ROOT, local
 
 BASE = {"seed": 0, "model": {"name": "mlp", "hidden": [8]}, "data": {"name": "xor", "eval_fraction": 0},
         "train": {"epochs": 2, "batch_size": 4, "lr": 0.1, "log_every": 0}}
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 2000), st.floats(allow_nan=True, allow_infinity=True),
                    st.text(max_size=12), st.lists(st.integers(-3, 5), max_size=3), st.dictionaries(st.text(max_size=4),
                                                                                                    st.integers(), max_size=2))
 KEYS = st.sampled_from([k.name for k in config.KEYS] + ["train.lr_", "trian.lr", "model.hiden", "x", "data.nme"])
@@ -66,11 +66,7 @@ def test_mismatched_feature_width_in_a_file(tmp_path):
 def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     out = tmp_path / "o"
     assert local("conf/xor.yaml", out, "train.epochs=3").returncode == 0
-    p = local("conf/xor.yaml", out, "train.epochs=6", "model.hidden=[16]", "--resume") if False else None
-    from ..helpers import run
-    import sys
-    p = run([sys.executable, ROOT / "launchers/local.py", "conf/xor.yaml", "--out", out, "--resume",
-             "--set", "train.epochs=6", "--set", "model.hidden=[16]"])
+    p = local("conf/xor.yaml", out, "train.epochs=6", "model.hidden=[16]", resume=True)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error: the checkpoint does not fit this model/optimizer")
     assert len(p.stderr.strip().splitlines()) == 1
