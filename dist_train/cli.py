@@ -4,6 +4,7 @@
     dist-train mpi -n N CONFIG [...]          (runs mpirun with the flags people forget)
     dist-train spark CONFIG [...]             (runs spark-submit)
     dist-train config                          (prints the config reference)
+    dist-train eval RUN_DIR [--data FILE] | predict RUN_DIR INPUT --out P.parquet | info
 
 Bad input (UserError) prints one line and exits with code 2, never a traceback.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -132,10 +134,29 @@ def main(argv: list[str] | None = None) -> int:
     spark.add_argument("--master", help="Spark master URL (default: spark-submit's)")
     spark.add_argument("--spark-arg", action="append", default=[], help="extra argument for spark-submit")
     sub.add_parser("config", help="print the config reference")
+    ev = sub.add_parser("eval", help="loss and accuracy of a run's model (its held-out rows, or --data)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", help=".npz or Parquet to evaluate on instead (every row)")
+    pr = sub.add_parser("predict", help="predictions of a run's model for an .npz or Parquet input")
+    pr.add_argument("run_dir")
+    pr.add_argument("input")
+    pr.add_argument("--out", required=True, help="Parquet file to write")
+    sub.add_parser("info", help="versions, threads, MPI, Spark, Java and devices (for a bug report)")
     args = parser.parse_args(argv)
 
     if args.command == "config":
         print(config.describe())
+        return 0
+    if args.command in ("eval", "predict", "info"):
+        from . import use
+
+        if args.command == "eval":
+            print(json.dumps(use.evaluate_run(args.run_dir, args.data)))
+        elif args.command == "predict":
+            rows = use.predict_run(args.run_dir, args.input, args.out)
+            print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
+        else:
+            use.print_info()
         return 0
     if args.command == "local":
         from launchers import local

@@ -1,0 +1,141 @@
+"""Using a trained run: evaluate it again, predict with it, and describe this environment.
+
+    dist-train eval RUN_DIR [--data FILE]          loss/accuracy on the run's held-out rows (or on FILE)
+    dist-train predict RUN_DIR INPUT --out P.parquet
+    dist-train info                                 versions and devices, for a bug report
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config, data, models, runtime
+from .comm import LocalComm
+from .engine import WorkerData, evaluate
+from .errors import DataError, UserError
+from .losses import predict as to_predictions
+from .outputs import load_model_file
+
+
+def load_run(run_dir: str | Path):
+    """(config, model in eval mode, meta) from a run's model.pt."""
+    payload = load_model_file(run_dir)
+    cfg = config.build(dict(config.flat_items(payload["config"])))
+    meta = payload["meta"]
+    model = models.build(cfg, tuple(meta["sample_shape"]), meta["outputs"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{run_dir}: model.pt does not match its own config: {str(e).splitlines()[0]}") from None
+    return cfg, model.eval(), meta
+
+
+def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict:
+    """Loss and accuracy of a run's model: on its held-out rows, or on every row of `data_path`."""
+    cfg, model, meta = load_run(run_dir)
+    if data_path is not None:
+        kind = "parquet" if str(data_path).endswith(".parquet") or Path(data_path).is_dir() else "npz"
+        cfg = config.build({**dict(config.flat_items(config.to_dict(cfg))), "data.name": kind,
+                            "data.path": str(data_path), "data.eval_fraction": 0.0})
+    ds = data.load(cfg)
+    if ds.sample_shape != tuple(meta["sample_shape"]):
+        raise DataError(f"samples of shape {list(ds.sample_shape)} do not fit the model's {meta['sample_shape']}")
+    return evaluate(cfg, LocalComm(), model, WorkerData.whole(ds, meta["outputs"]), torch.device("cpu"))
+
+
+def read_inputs(path: str | Path, sample_shape, label_column: str) -> np.ndarray:
+    """Features from .npz (array x) or Parquet (every column but the label), shaped for the model."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            key = next((k for k in ("x", "X", "features") if k in z.files), None)
+            if key is None:
+                raise DataError(f"{path}: needs an array 'x', found {z.files}")
+            x = z[key]
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.concat_tables([pq.read_table(f) for f in data.parquet_files(path)])
+        if label_column not in table.schema.names:
+            table = table.append_column(label_column, pa.array(np.zeros(table.num_rows, np.int64)))
+        x, _ = data.table_to_arrays(table, label_column, str(path))
+    x = np.asarray(x, dtype=np.float32)
+    try:
+        return x.reshape(len(x), *sample_shape)
+    except ValueError:
+        raise DataError(f"{path}: rows of {int(np.prod(x.shape[1:]))} values do not fit the model's "
+                        f"samples of shape {list(sample_shape)}") from None
+
+
+def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_size: int = 1024) -> int:
+    """Write predictions (class ids, 0/1, or values) for every input row to a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg, model, meta = load_run(run_dir)
+    x = read_inputs(inputs, tuple(meta["sample_shape"]), cfg.data.label_column)
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            preds.append(to_predictions(meta["loss"], model(torch.from_numpy(x[i:i + batch_size]))).numpy())
+    pred = np.concatenate(preds) if preds else np.zeros(0)
+    column = pa.array(pred) if pred.ndim == 1 else pa.array(list(pred))
+    table = pa.table({"row": np.arange(len(x), dtype=np.int64), "prediction": column})
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)  # atomic, like every other output
+    return len(x)
+
+
+def info() -> dict:
+    """What a bug report needs: versions, threads, MPI and Spark, devices."""
+    from .cli import find_executable
+
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def first_line(cmd):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            return ((p.stdout or p.stderr).strip().splitlines() or [""])[0]
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    mpirun = find_executable("mpirun")
+    java = shutil.which("java")
+    return {
+        "dist_train": version("dist-train"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cores_available": runtime.host_cores(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "mpi4py": version("mpi4py"),
+        "mpirun": mpirun,
+        "mpi_implementation": first_line([mpirun, "--version"]) if mpirun else None,
+        "pyspark": version("pyspark"),
+        "java": first_line([java, "-version"]) if java else None,
+        "pyarrow": version("pyarrow"),
+    }
+
+
+def print_info() -> None:
+    print(json.dumps(info(), indent=2))

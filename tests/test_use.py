@@ -1,0 +1,55 @@
+"""Using a trained model afterwards: eval and predict reproduce summary.json; info reports."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dist_train import cli, data, sharding
+
+from .helpers import ROOT
+from launchers import local
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("use") / "digits"
+    assert local.main([str(ROOT / "conf/digits.yaml"), "--out", str(out), "--set", "train.epochs=5",
+                       "--set", "model.hidden=[32]"]) == 0
+    return out
+
+
+def test_eval_reproduces_the_summary(run, capsys):
+    assert cli.main(["eval", str(run)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = json.loads((run / "summary.json").read_text())["eval"]
+    assert got["samples"] == want["samples"] and got["accuracy"] == pytest.approx(want["accuracy"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
+def test_predict_reproduces_the_held_out_accuracy(run, tmp_path, capsys):
+    ds = data.digits()
+    _, held = sharding.split_rows(0, len(ds), 0, 0.2)
+    np.savez(tmp_path / "held.npz", x=ds.x[held], y=ds.y[held])
+    assert cli.main(["predict", str(run), str(tmp_path / "held.npz"), "--out", str(tmp_path / "p.parquet")]) == 0
+    pred = pq.read_table(tmp_path / "p.parquet").column("prediction").to_numpy()
+    accuracy = float((pred == ds.y[held]).mean())
+    assert accuracy == pytest.approx(json.loads((run / "summary.json").read_text())["eval"]["accuracy"])
+    assert cli.main(["eval", str(run), "--data", str(tmp_path / "held.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(accuracy)
+
+
+def test_predict_refuses_inputs_that_do_not_fit(run, tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5), np.float32))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["predict", str(run), str(tmp_path / "bad.npz"), "--out", str(tmp_path / "p.parquet")])
+    assert e.value.code == 2 and "do not fit" in capsys.readouterr().err
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_info_names_versions_and_tools(capsys):
+    assert cli.main(["info"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["torch"].startswith("2.") and got["python"].count(".") == 2
+    assert "cores_available" in got and "mpi_implementation" in got and "java" in got
