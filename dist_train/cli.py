@@ -5,6 +5,7 @@
     dist-train spark CONFIG [...]             (runs spark-submit)
     dist-train config                          (prints the config reference)
     dist-train eval RUN_DIR [--data FILE] | predict RUN_DIR INPUT --out P.parquet | info
+    dist-train plot RUN_DIR [RUN_DIR...] --out runs.png
 
 Bad input (UserError) prints one line and exits with code 2, never a traceback.
 """
@@ -142,10 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("input")
     pr.add_argument("--out", required=True, help="Parquet file to write")
     sub.add_parser("info", help="versions, threads, MPI, Spark, Java and devices (for a bug report)")
+    pl = sub.add_parser("plot", help="PNG of loss/accuracy curves of runs, overlaid, and where step time went")
+    pl.add_argument("runs", nargs="+")
+    pl.add_argument("--out", default="runs.png")
     args = parser.parse_args(argv)
 
     if args.command == "config":
         print(config.describe())
+        return 0
+    if args.command == "plot":
+        from .plot import plot_runs
+
+        print(f"wrote {plot_runs(args.runs, args.out)}", file=sys.stderr)
         return 0
     if args.command in ("eval", "predict", "info"):
         from . import use

@@ -53,3 +53,22 @@ def test_info_names_versions_and_tools(capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["torch"].startswith("2.") and got["python"].count(".") == 2
     assert "cores_available" in got and "mpi_implementation" in got and "java" in got
+
+
+def test_plot_of_two_runs_is_a_real_png(run, tmp_path):
+    other = tmp_path / "other"
+    assert local.main([str(ROOT / "conf/digits.yaml"), "--out", str(other), "--set", "train.epochs=3",
+                       "--set", "model.hidden=[16]", "--set", "train.log_every=5"]) == 0
+    assert cli.main(["plot", str(run), str(other), "--out", str(tmp_path / "p.png")]) == 0
+    png = (tmp_path / "p.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    from matplotlib import image
+
+    pixels = image.imread(tmp_path / "p.png")
+    assert pixels.shape[0] == 800 and pixels.shape[1] == 1500 and pixels.std() > 0.05  # not blank
+
+
+def test_plot_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "p.png")])
+    assert e.value.code == 2 and "not a finished run" in capsys.readouterr().err
