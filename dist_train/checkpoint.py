@@ -54,7 +54,8 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
     data = to_bytes(state)
     atomic_write(path, data)
     atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
-    for old in listing(directory)[:-keep]:
+    older = [p for p in listing(directory) if p != path and p.name < path.name]  # never newer ones
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path

@@ -69,7 +69,7 @@ def prepare(args, world_size: int) -> Job:
         raise UserError("--resume needs --out DIR: the run directory to continue")
     out = prepare_out_dir(args.out or default_out(args.config), args.resume)
     ds = data.load(cfg)
-    outputs = validate.check(cfg, ds, world_size)
+    outputs = validate.check(cfg, ds)
     return Job(cfg, ds, outputs, out, args.resume)
 
 
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             use.print_info()
         return 0
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out DIR: the run directory to continue")
     if args.command == "local":
         from launchers import local
 

@@ -18,9 +18,6 @@ import yaml
 
 from .errors import ConfigError
 
-OPTIONAL = "optional"  # marker: the key may be null
-
-
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -41,10 +38,6 @@ def _non_negative(v):
 
 
 def _fraction(v):
-    return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
-
-
-def _momentum(v):
     return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
 
 
@@ -80,7 +73,8 @@ KEYS: tuple[Key, ...] = (
     # data
     Key("data.name", str, "digits", "built-in dataset or file format",
         ("xor", "perceptron", "digits", "synthetic", "npz", "parquet")),
-    Key("data.path", str, None, "file for data.name npz (.npz or .npy of features) or parquet", optional=True),
+    Key("data.path", str, None, "file for data.name npz (.npz with arrays x, y) or parquet (file or directory)",
+        optional=True),
     Key("data.sampling", str, "shard", "shard: each worker shuffles its own fixed shard; global: each step is a "
         "slice of one global permutation (same result as local mode)", ("shard", "global")),
     Key("data.eval_fraction", float, 0.2, "fraction of rows held out for evaluation (chosen by seed)", check=_fraction),
@@ -93,7 +87,7 @@ KEYS: tuple[Key, ...] = (
     Key("train.batch_size", int, 64, "global batch: samples per step summed over all workers", check=_positive),
     Key("train.optimizer", str, "sgd", "optimizer", ("sgd", "adam")),
     Key("train.lr", float, 0.1, "learning rate", check=_positive),
-    Key("train.momentum", float, 0.0, "sgd momentum", check=_momentum),
+    Key("train.momentum", float, 0.0, "sgd momentum", check=_fraction),
     Key("train.weight_decay", float, 0.0, "L2 weight decay", check=_non_negative),
     Key("train.loss", str, "cross_entropy", "loss, summed per sample then averaged over the global batch",
         ("cross_entropy", "mse", "bce")),
@@ -103,7 +97,7 @@ KEYS: tuple[Key, ...] = (
         optional=True, check=_non_negative),
     Key("train.skip_nonfinite", bool, False, "on a NaN/Inf loss on any worker, every worker skips that step "
         "(false: stop with an error naming the step and ranks)"),
-    Key("train.max_steps", int, None, "stop after this many optimizer steps in all", optional=True, check=_positive),
+    Key("train.max_steps", int, None, "stop after this many steps in all", optional=True, check=_positive),
     # checkpoint
     Key("checkpoint.every_steps", int, 0, "write a checkpoint every N steps (0: only at the end)", check=_non_negative),
     Key("checkpoint.keep", int, 3, "how many checkpoints to keep", check=_positive),
@@ -239,14 +233,15 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def build(flat: dict[str, Any]) -> Section:
-    """Validate a flat {dotted key: value} mapping (defaults filled in) into a Section tree."""
+def build(flat: dict[str, Any], check_files: bool = True) -> Section:
+    """Validate a flat {dotted key: value} mapping (defaults filled in) into a Section tree.
+    `check_files=False` skips checking that data.path exists (a finished run's config)."""
     values = defaults()
     for name, value in _flatten(flat).items():
         if name not in KEY_BY_NAME:
             raise ConfigError(name, f"unknown key{_nearest(name)}")
         values[name] = _check_type(KEY_BY_NAME[name], value)
-    _check_combinations(values)
+    _check_combinations(values, check_files)
     tree = Section()
     for name, value in values.items():
         node = tree
@@ -257,10 +252,10 @@ def build(flat: dict[str, Any]) -> Section:
     return tree
 
 
-def _check_combinations(v: dict[str, Any]) -> None:
+def _check_combinations(v: dict[str, Any], check_files: bool = True) -> None:
     if v["data.name"] in ("npz", "parquet") and not v["data.path"]:
         raise ConfigError("data.path", f"is required when data.name is {v['data.name']}")
-    if v["data.path"] and v["data.name"] in ("npz", "parquet") and not Path(v["data.path"]).exists():
+    if check_files and v["data.path"] and v["data.name"] in ("npz", "parquet") and not Path(v["data.path"]).exists():
         raise ConfigError("data.path", f"file {v['data.path']} does not exist")
     if v["train.optimizer"] == "adam" and v["train.momentum"]:
         raise ConfigError("train.momentum", "applies to sgd only; adam has its own betas")
@@ -290,7 +285,8 @@ def describe() -> str:
     """The config reference, as Markdown (the README's table is made from this)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for k in KEYS:
-        t = _type_name(k.type).split(" ", 1)[-1] + (" or null" if k.optional else "")
+        t = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list", dict: "mapping"}[k.type] \
+            + (" or null" if k.optional else "")
         sep = " \\| "
         meaning = k.help + (f" ({sep.join(k.choices)})" if k.choices else "")
         rows.append(f"| `{k.name}` | {t} | `{k.default!r}` | {meaning} |")

@@ -1,9 +1,10 @@
 """Datasets: built-in ones and files, as (features, labels) arrays on the host.
 
 Features are float32 with the natural sample shape ((2,) for xor, (1, 8, 8) for
-digits, (1, 28, 28) for synthetic MNIST); labels are int64 class ids. Files are
-memory-mapped where the format allows (`.npy`, uncompressed `.npz` members, Parquet
-through Arrow's memory map), so a dataset larger than RAM streams by batches.
+digits, (1, 28, 28) for synthetic MNIST); labels are int64 class ids. Uncompressed
+`.npz` members are memory-mapped, so a dataset larger than RAM streams by batches;
+Parquet is read through Arrow's memory map into one array (under Spark each task
+holds only its own shard).
 """
 
 from __future__ import annotations

@@ -118,6 +118,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     stopped_by = "epochs"
     last_log = (time.perf_counter(), pos.samples)
     loop_start = time.perf_counter()
+    samples_at_start = pos.samples
     steps_run = 0  # in this process (a resumed run starts from 0 here)
     skipped = 0  # steps skipped for a non-finite loss
     model.train()
@@ -205,11 +206,12 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         "final_train_loss": final_loss,
         "eval": evaluation,
         "samples": pos.samples,
-        "samples_per_sec": pos.samples / train_seconds if train_seconds > 0 else None,
+        "samples_per_sec": (pos.samples - samples_at_start) / train_seconds if train_seconds > 0 else None,
         "steady_samples_per_sec": steady_sps,
         "wall_seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
-        "seconds": timing,  # this worker's; rank 0's in the summary
+        "seconds": timing,  # this worker's (rank 0's in the summary), over this process's steps
+        "steps_run": steps_run,
         "grad_bytes": grads.nbytes,
         "device": str(device),
         "threads": threads or torch.get_num_threads(),
@@ -289,7 +291,8 @@ def _restore(ckpt: dict, model, optimizer, cfg, world_size: int) -> Position:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"the checkpoint does not fit this model/optimizer: {first}") from None
     old, new = dict(config.flat_items(ckpt.get("config", {}))), dict(config.flat_items(config.to_dict(cfg)))
-    for key in ("seed", "data.name", "data.sampling", "train.batch_size"):
+    for key in ("seed", "data.name", "data.path", "data.size", "data.sampling", "data.eval_fraction",
+                "train.batch_size", "train.shuffle"):
         a, b = old.get(key), new.get(key)
         if a != b:
             raise UserError(f"--resume: the checkpoint was trained with {key}={a!r}, this run has {b!r}")

@@ -48,7 +48,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
             acc_time.plot(x_time, [r.get("accuracy") for r in steps], label=label)
         seconds = summary.get("seconds", {})
         for k in parts:
-            parts[k].append(seconds.get(k, 0.0) / max(summary.get("steps", 1), 1) * 1000)
+            parts[k].append(seconds.get(k, 0.0) / max(summary.get("steps_run", summary.get("steps", 1)), 1) * 1000)
     for ax, title, xlabel in ((loss_step, "training loss", "step"), (loss_time, "training loss", "seconds"),
                               (acc_step, "training accuracy", "step"), (acc_time, "training accuracy", "seconds")):
         ax.set_title(title)

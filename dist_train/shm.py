@@ -129,14 +129,6 @@ class HostAllreduce:
             raise PeerFailure(f"{', '.join(self.names[r] for r in late)} did not arrive within {self.timeout_s:g} s "
                               f"(stalled); {self.names[self.rank]} gives up")
 
-    def close(self) -> None:
-        self._views.clear()
-        self.counters = self.pids = None
-        try:
-            self.map.close()
-        except BufferError:  # a view still exported; the mapping goes with the process
-            pass
-
 
 def _alive(pid: int) -> bool:
     """Running (a zombie, exited but not yet reaped by its parent, counts as dead)."""

@@ -30,7 +30,7 @@ from .outputs import load_model_file
 def load_run(run_dir: str | Path):
     """(config, model in eval mode, meta) from a run's model.pt."""
     payload = load_model_file(run_dir)
-    cfg = config.build(dict(config.flat_items(payload["config"])))
+    cfg = config.build(dict(config.flat_items(payload["config"])), check_files=False)
     meta = payload["meta"]
     model = models.build(cfg, tuple(meta["sample_shape"]), meta["outputs"])
     try:

@@ -49,7 +49,7 @@ def outputs_for(cfg, stats: DataStats) -> int:
     return stats.label_width
 
 
-def check(cfg, ds: Dataset, world_size: int = 1) -> int:
+def check(cfg, ds: Dataset) -> int:
     """Validate `ds` for `cfg`; return the model's output width. Raises UserError."""
     bad_row = find_nonfinite(ds.x)
     if bad_row is not None:

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import numpy as np
 
-from dist_train import checkpoint, cli, config, data, models, runtime, validate
+from dist_train import checkpoint, cli, config, data, models, runtime, sharding, validate
 from dist_train.engine import Result, WorkerData, fit
 from dist_train.errors import ConfigError, DataError, UserError
 from dist_train.outputs import prepare_out_dir, write_final
@@ -70,7 +70,7 @@ class Source:
 
 
 def preflight(spark, cfg) -> None:
-    """Fail at once where Spark itself would wait or refuse (REFERENCE.md)."""
+    """Fail at once where Spark itself would wait ~10 minutes (barrier slot re-checks) or refuse."""
     conf = spark.sparkContext.getConf()
     if conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
         raise UserError("Spark barrier mode cannot run with dynamic allocation: "
@@ -107,6 +107,9 @@ def dataset_source(spark, cfg, ds: data.Dataset, outputs: int) -> Source:
     shards, each shipped to its task by Spark. No DataFrame round trip: the rows are
     already here, and a DataFrame would only add a conversion and a shuffle (~6 s for
     60 MB here). For data larger than the driver's memory use Parquet, read on the executors."""
+    if ds.y.ndim != 1:
+        raise DataError(f"{ds.name}: the Spark launcher takes one label per row; targets of shape "
+                        f"{list(ds.y.shape[1:])} per row need the local or MPI launcher")
     return Source(None, len(ds), "label", ["features"], ds.sample_shape, outputs, dataset=ds)
 
 
@@ -131,7 +134,7 @@ def _ipc(batch) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def dataframe_source(spark, cfg, df, name: str = "dataframe", by_file: bool = False) -> Source:
+def dataframe_source(spark, cfg, df, name: str = "dataframe", files: list[Path] | None = None) -> Source:
     """Any DataFrame: its row order is partition by partition, row by row; a Parquet read
     is ordered file by file (path order), as the MPI and local launchers read it."""
     from pyspark.sql import functions as F
@@ -143,9 +146,10 @@ def dataframe_source(spark, cfg, df, name: str = "dataframe", by_file: bool = Fa
     if not features:
         raise DataError(f"{name}: no feature columns besides {label!r}")
     if ROW not in df.columns:
-        df = _with_row_index(df, by_file)
+        df = _with_row_index(df, files)
     stats = df.agg(F.count(F.lit(1)).alias("n"), F.min(label).alias("lo"), F.max(label).alias("hi"),
-                   F.sum(F.when(F.col(label).isin(0, 1), 0).otherwise(1)).alias("nonbinary")).first()
+                   F.sum(F.when(F.col(label).isin(0, 1), 0).otherwise(1)).alias("nonbinary"),
+                   F.sum(F.when(F.col(label) == F.floor(F.col(label)), 0).otherwise(1)).alias("fractional")).first()
     n = int(stats["n"])
     kinds = dict(df.dtypes)
     if len(features) == 1 and kinds[features[0]].startswith("array"):
@@ -159,22 +163,26 @@ def dataframe_source(spark, cfg, df, name: str = "dataframe", by_file: bool = Fa
     label_kind = "i" if kinds[label] in ("int", "bigint", "smallint", "tinyint") else "f"
     st = validate.DataStats(name, n, (width,), label_kind, float(stats["lo"] or 0), float(stats["hi"] or 0), 1,
                             not stats["nonbinary"])
-    if label_kind == "f" and st.label_min == int(st.label_min) and st.label_max == int(st.label_max):
+    if label_kind == "f" and not stats["fractional"]:
         st.label_kind = "i"  # whole numbers stored as floats: class ids (as data.py reads files)
     outputs = validate.check_stats(cfg, st)
     return Source(df, n, label, features, (width,), outputs)
 
 
-def _with_row_index(df, by_file: bool = False):
-    """Add __row: for a Parquet read, (file path order, row in file); else partition order."""
+def _with_row_index(df, files: list[Path] | None = None):
+    """Add __row: for a Parquet read of `files`, file by file in that order, then row in file;
+    else partition order."""
     from pyspark.sql import functions as F
 
-    if by_file:
+    if files is not None:
         meta = df.select("*", F.col("_metadata.file_path").alias("__file"),
                          F.col("_metadata.row_index").alias("__in_file"))
+        counts = {_local_path(r["__file"]): (r["__file"], r["count"]) for r in meta.groupBy("__file").count().collect()}
         offsets, total = {}, 0
-        for row in sorted(meta.groupBy("__file").count().collect(), key=lambda r: r["__file"]):
-            offsets[row["__file"]], total = total, total + row["count"]
+        for f in files:  # data.parquet_files' order, the one the other launchers read in
+            uri, count = counts.get(str(Path(f).resolve()), (None, 0))
+            if uri is not None:
+                offsets[uri], total = total, total + count
         offset = F.create_map(*[x for k, v in offsets.items() for x in (F.lit(k), F.lit(v))])
         return meta.withColumn(ROW, offset[F.col("__file")] + F.col("__in_file")).drop("__file", "__in_file")
     with_pid = df.withColumn("__pid", F.spark_partition_id())
@@ -189,6 +197,13 @@ def _with_row_index(df, by_file: bool = False):
     return df.withColumn(ROW, start + position)
 
 
+def _local_path(uri: str) -> str:
+    """'file:/tmp/a.parquet' or 'file:///tmp/a.parquet' -> '/tmp/a.parquet'."""
+    from urllib.parse import unquote, urlparse
+
+    return str(Path(unquote(urlparse(uri).path)).resolve())
+
+
 def parquet_source(spark, cfg) -> Source:
     files = data.parquet_files(cfg.data.path)  # same file list and order as the other launchers
     try:
@@ -197,7 +212,7 @@ def parquet_source(spark, cfg) -> Source:
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{cfg.data.path}: not a readable Parquet file ({first[:300]})") from None
-    return dataframe_source(spark, cfg, df, name=str(cfg.data.path), by_file=True)
+    return dataframe_source(spark, cfg, df, name=str(cfg.data.path), files=files)
 
 
 def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, log=print) -> Result:
@@ -266,8 +281,7 @@ def task_error(e: BaseException) -> str:
 def _shard(spark, source: Source, world: int):
     """An RDD of `world` partitions; partition r holds shard r as (r, Arrow IPC blob) pairs."""
     if source.dataset is not None:
-        blobs = [(r, _ipc(to_arrow(source.dataset, r * source.n // world, (r + 1) * source.n // world)))
-                 for r in range(world)]
+        blobs = [(r, _ipc(to_arrow(source.dataset, *sharding.shard_range(source.n, world, r)))) for r in range(world)]
         return spark.sparkContext.parallelize(blobs, world)  # one element per partition, in order
     columns = [ROW, *source.feature_columns, source.label_column]
     sliced = source.df.select(*columns).mapInArrow(_Slicer(source.n, world), "part int, blob binary")
@@ -329,7 +343,7 @@ class _TrainTask:
     def _assemble(self, rank: int, pieces):
         import pyarrow as pa
 
-        lo, hi = rank * self.n // self.world, (rank + 1) * self.n // self.world
+        lo, hi = sharding.shard_range(self.n, self.world, rank)
         batches = [b for _, blob in pieces for b in pa.ipc.open_stream(pa.py_buffer(blob))]
         if batches:
             table = pa.Table.from_batches(batches)
