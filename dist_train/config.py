@@ -91,6 +91,18 @@ KEYS: tuple[Key, ...] = (
     Key("train.weight_decay", float, 0.0, "L2 weight decay", check=_non_negative),
     Key("train.loss", str, "cross_entropy", "loss, summed per sample then averaged over the global batch",
         ("cross_entropy", "mse", "bce")),
+    Key("train.schedule", str, "constant", "learning-rate schedule after warmup", ("constant", "cosine", "step")),
+    Key("train.warmup_steps", int, 0, "linear warmup from 0 to the full lr over this many steps", check=_non_negative),
+    Key("train.decay_every", int, 1000, "step schedule: multiply the lr by train.decay_factor every N steps",
+        check=_positive),
+    Key("train.decay_factor", float, 0.1, "step schedule: the factor", check=_positive),
+    Key("train.lr_scaling", str, "none", "scale lr with the effective global batch relative to train.base_batch",
+        ("none", "linear", "sqrt")),
+    Key("train.base_batch", int, 64, "the batch that train.lr was tuned for (with lr_scaling)", check=_positive),
+    Key("train.accumulate", int, 1, "micro-batches of train.batch_size summed per optimizer step; "
+        "workers communicate once per step, after the last", check=_positive),
+    Key("train.precision", str, "fp32", "forward/backward in bf16 autocast; gradients and the fused buffers "
+        "stay float32", ("fp32", "bf16")),
     Key("train.shuffle", bool, True, "reshuffle the order every epoch (seeded by seed, epoch, rank)"),
     Key("train.log_every", int, 10, "write a metrics line every N steps (0: once per epoch)", check=_non_negative),
     Key("train.target_loss", float, None, "stop once the globally averaged training loss of a step is <= this",

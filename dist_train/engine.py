@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import checkpoint, config, losses, models, sharding
+from . import checkpoint, config, losses, models, schedule, sharding
 from .errors import TrainingError, UserError
 from .gradsync import FusedGrads, broadcast_parameters, parameter_checksums
 from .outputs import RunWriter, write_final
@@ -120,6 +120,12 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     loop_start = time.perf_counter()
     samples_at_start = pos.samples
     steps_run = 0  # in this process (a resumed run starts from 0 here)
+    total_steps = 0  # what a cosine schedule decays over
+    if t.schedule == "cosine":
+        total_steps = t.epochs * sharding.steps_per_epoch(
+            n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=t.batch_size, accumulate=t.accumulate,
+            eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling)
+        total_steps = min(total_steps, t.max_steps or total_steps)
     skipped = 0  # steps skipped for a non-finite loss
     model.train()
     while pos.epoch < t.epochs and stopped_by == "epochs":
@@ -134,22 +140,28 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             if pos.batch == 0:  # a new epoch's first step
                 pos.epoch_loss, pos.epoch_count = 0.0, 0
             t0 = time.perf_counter()
-            rows = batches[pos.batch] if pos.batch < len(batches) else batches[:0]
+            lr = schedule.lr_at(t, pos.step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             grads.zero()
-            count = len(rows)
-            loss_sum, right = 0.0, 0
-            if count:  # dist: a worker whose shard is used up still joins the step, with zeros
+            count, loss_sum, right, t_data = 0, 0.0, 0, 0.0
+            # dist: a worker whose shard is used up still joins the step, with zeros
+            for rows in batches[pos.batch:pos.batch + t.accumulate]:  # micro-batches: gradients add up in place
+                ta = time.perf_counter()
                 xb, yb = data.batch(rows, device)
-                t1 = time.perf_counter()
-                out = model(xb)
-                loss = losses.loss_sum(t.loss, out, yb)
+                t_data += time.perf_counter() - ta
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                    out = model(xb)
+                loss = losses.loss_sum(t.loss, out.float(), yb)
                 loss.backward()
-                loss_sum, right = loss.detach(), losses.correct(t.loss, out.detach(), yb)
-            else:
-                t1 = time.perf_counter()
+                count += len(rows)
+                loss_sum = loss_sum + loss.detach()
+                right = right + losses.correct(t.loss, out.detach(), yb)
+            t1 = t0 + t_data
             t2 = time.perf_counter()
             comm.step = pos.step + 1  # names the step in a stall report
-            step_stats = grads.sync(comm, count, loss_sum, right, pos.batch + 1 < len(batches))
+            taken = min(t.accumulate, max(len(batches) - pos.batch, 0))
+            step_stats = grads.sync(comm, count, loss_sum, right, pos.batch + taken < len(batches))
             t3 = time.perf_counter()
             if step_stats.nonfinite:  # every worker sees the same flags: all act alike
                 where = ", ".join(map(str, step_stats.nonfinite_ranks)) or f"{step_stats.nonfinite} workers"
@@ -165,7 +177,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             timing["compute"] += (t2 - t1) + (t4 - t3)
             timing["comm"] += t3 - t2
             pos.step += 1
-            pos.batch += 1
+            pos.batch += t.accumulate
             if not step_stats.nonfinite:
                 pos.samples += step_stats.count
                 pos.epoch_loss += step_stats.loss * step_stats.count
@@ -180,7 +192,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             if t.target_loss is not None and step_stats.loss <= t.target_loss:
                 stopped_by = "target_loss"  # same global loss on every worker: all stop together
             if t.log_every and pos.step % t.log_every == 0:
-                last_log = _log_step(writer, pos, step_stats, cfg, last_log, loop_start)
+                last_log = _log_step(writer, pos, step_stats, cfg, last_log, loop_start, lr)
             if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
                 writer.checkpoint(pos.step, _state(model, optimizer, pos, cfg, comm), cfg.checkpoint.keep)
             if pos.batch == 0:  # the epoch just ended
@@ -252,11 +264,11 @@ def evaluate(cfg, comm, model, data: WorkerData, device, batch_size: int = 1024)
     return result
 
 
-def _log_step(writer, pos: Position, s, cfg, last_log, t_start):
+def _log_step(writer, pos: Position, s, cfg, last_log, t_start, lr):
     now = time.perf_counter()
     rate = (pos.samples - last_log[1]) / max(now - last_log[0], 1e-9)
     rec = {"kind": "step", "step": pos.step, "epoch": pos.epoch if pos.batch else pos.epoch - 1,
-           "loss": s.loss, "samples": pos.samples, "samples_per_sec": rate, "lr": cfg.train.lr,
+           "loss": s.loss, "samples": pos.samples, "samples_per_sec": rate, "lr": lr,
            "time": now - t_start}
     if cfg.train.loss != "mse":
         rec["accuracy"] = s.correct / s.count if s.count else None
@@ -292,7 +304,7 @@ def _restore(ckpt: dict, model, optimizer, cfg, world_size: int) -> Position:
         raise UserError(f"the checkpoint does not fit this model/optimizer: {first}") from None
     old, new = dict(config.flat_items(ckpt.get("config", {}))), dict(config.flat_items(config.to_dict(cfg)))
     for key in ("seed", "data.name", "data.path", "data.size", "data.sampling", "data.eval_fraction",
-                "train.batch_size", "train.shuffle"):
+                "train.batch_size", "train.shuffle", "train.accumulate"):
         a, b = old.get(key), new.get(key)
         if a != b:
             raise UserError(f"--resume: the checkpoint was trained with {key}={a!r}, this run has {b!r}")

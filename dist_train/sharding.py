@@ -94,3 +94,14 @@ def _permute(rows: np.ndarray, seed: int, epoch: int, rank: int, shuffle: bool) 
     if not shuffle:
         return rows
     return np.random.default_rng([seed, epoch, rank]).permutation(rows)
+
+
+def steps_per_epoch(*, n: int, seed: int, world: int, batch_size: int, accumulate: int, eval_fraction: float,
+                    sampling: str) -> int:
+    """Optimizer steps in one epoch: the most any worker takes (the others join with zeros)."""
+    most = 0
+    for rank in range(world):
+        batches = len(epoch_batches(n=n, seed=seed, epoch=0, rank=rank, world=world, batch_size=batch_size,
+                                    eval_fraction=eval_fraction, sampling=sampling, shuffle=False))
+        most = max(most, -(-batches // accumulate))
+    return most
