@@ -120,12 +120,14 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     loop_start = time.perf_counter()
     samples_at_start = pos.samples
     steps_run = 0  # in this process (a resumed run starts from 0 here)
+    epoch_start = time.perf_counter()
+    epoch_steps = sharding.steps_per_epoch(  # for the progress bar (rank 0 on a terminal) and cosine decay
+        n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=t.batch_size, accumulate=t.accumulate,
+        eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling) \
+        if writer.tty or t.schedule == "cosine" else 0
     total_steps = 0  # what a cosine schedule decays over
     if t.schedule == "cosine":
-        total_steps = t.epochs * sharding.steps_per_epoch(
-            n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=t.batch_size, accumulate=t.accumulate,
-            eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling)
-        total_steps = min(total_steps, t.max_steps or total_steps)
+        total_steps = min(t.epochs * epoch_steps, t.max_steps or t.epochs * epoch_steps)
     skipped = 0  # steps skipped for a non-finite loss
     model.train()
     while pos.epoch < t.epochs and stopped_by == "epochs":
@@ -139,6 +141,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
                 break
             if pos.batch == 0:  # a new epoch's first step
                 pos.epoch_loss, pos.epoch_count = 0.0, 0
+                epoch_start = time.perf_counter()
             t0 = time.perf_counter()
             lr = schedule.lr_at(t, pos.step, total_steps)
             for group in optimizer.param_groups:
@@ -193,6 +196,11 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
                 stopped_by = "target_loss"  # same global loss on every worker: all stop together
             if t.log_every and pos.step % t.log_every == 0:
                 last_log = _log_step(writer, pos, step_stats, cfg, last_log, loop_start, lr)
+            if writer.tty:
+                done = pos.batch if pos.batch else epoch_steps * t.accumulate
+                writer.progress(pos.epoch if pos.batch else pos.epoch - 1, -(-done // t.accumulate), epoch_steps,
+                                step_stats.loss, (pos.samples - samples_at_start) / max(t4 - loop_start, 1e-9),
+                                t4 - epoch_start)
             if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
                 writer.checkpoint(pos.step, _state(model, optimizer, pos, cfg, comm), cfg.checkpoint.keep)
             if pos.batch == 0:  # the epoch just ended
@@ -273,7 +281,8 @@ def _log_step(writer, pos: Position, s, cfg, last_log, t_start, lr):
     if cfg.train.loss != "mse":
         rec["accuracy"] = s.correct / s.count if s.count else None
     writer.metric(rec)
-    writer.log(f"step {pos.step:>6}  epoch {rec['epoch']:>3}  loss {s.loss:.5f}  {rate:,.0f} samples/s")
+    if not writer.tty:  # a terminal shows the progress bar instead
+        writer.log(f"step {pos.step:>6}  epoch {rec['epoch']:>3}  loss {s.loss:.5f}  {rate:,.0f} samples/s")
     return now, pos.samples
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from . import checkpoint
@@ -47,9 +48,31 @@ class RunWriter:
     def checkpoint_dir(self) -> Path | None:
         return self.out / "checkpoints" if self.out is not None else None
 
+    @property
+    def tty(self) -> bool:
+        """A terminal: a live progress bar; otherwise plain lines every log_every steps (batch logs, CI)."""
+        return self.stream is not None and hasattr(self.stream, "isatty") and self.stream.isatty()
+
     def log(self, message: str) -> None:
         if self.stream is not None:
+            if getattr(self, "_bar_open", False):
+                print(file=self.stream)  # end the progress bar's line first
+                self._bar_open = False
             print(message, file=self.stream, flush=True)
+
+    def progress(self, epoch: int, done: int, total: int, loss: float, rate: float, elapsed: float) -> None:
+        """Redraw the progress bar (at most 5 times a second), terminal only."""
+        now = time.monotonic()
+        if not self.tty or (now - getattr(self, "_drawn", 0.0) < 0.2 and done < total):
+            return
+        self._drawn = now
+        frac = min(done / total, 1.0) if total else 1.0
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        bar = "#" * int(frac * 30)
+        self.stream.write(f"\repoch {epoch:>3} [{bar:<30}] {frac:4.0%}  loss {loss:.4f}  {rate:,.0f} samples/s  "
+                          f"ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
+        self.stream.flush()
+        self._bar_open = True
 
     def start_metrics(self, resumed_step: int | None) -> None:
         """Open metrics.jsonl; on resume keep only the lines up to the checkpoint's step."""

@@ -72,3 +72,40 @@ def test_plot_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "p.png")])
     assert e.value.code == 2 and "not a finished run" in capsys.readouterr().err
+
+
+def _run_with_stdout(tmp_path, name, stdout):
+    import subprocess
+    import sys
+
+    from .helpers import env
+
+    return subprocess.run([sys.executable, str(ROOT / "launchers/local.py"), "conf/digits.yaml", "--out",
+                           str(tmp_path / name), "--set", "train.epochs=3", "--set", "train.log_every=20"],
+                          stdout=stdout, stderr=subprocess.STDOUT, cwd=ROOT, env=env(), timeout=120)
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
+    import os
+    import pty
+    import subprocess
+
+    plain = _run_with_stdout(tmp_path, "plain", subprocess.PIPE).stdout.decode()
+    assert "\r" not in plain and "step     20  epoch   0  loss" in plain
+    master, slave = pty.openpty()
+    p = _run_with_stdout(tmp_path, "tty", slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0
+    assert "\r" in shown and "ETA" in shown and "[##############################] 100%" in shown
+    assert "[dist-train] done" in shown
