@@ -10,6 +10,7 @@ Lines marked `# dist:` are where this differs from a plain single-process loop.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -233,6 +234,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         "seconds": timing,  # this worker's (rank 0's in the summary), over this process's steps
         "steps_run": steps_run,
         "grad_bytes": grads.nbytes,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's (Linux: KiB)
         "device": str(device),
         "threads": threads or torch.get_num_threads(),
         "meta": {"sample_shape": list(data.sample_shape), "outputs": data.outputs, "loss": t.loss,

@@ -88,7 +88,8 @@ def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
                   ROOT / "launchers/spark.py", *args, "--set", "spark.workers=2"])
         wall = time.perf_counter() - start
         s = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-        return {"sps": s["steady_samples_per_sec"], "wall": wall, "comm_ms": 1000 * s["seconds"]["comm"] / s["steps"]}
+        return {"sps": s["steady_samples_per_sec"], "wall": wall, "comm_ms": 1000 * s["seconds"]["comm"] / s["steps"],
+                "data_pct": 100 * s["seconds"]["data"] / s["train_seconds"], "rss_mb": s["peak_rss_mb"]}
 
 
 def peer(cmd: list, timed: bool = False) -> dict:
@@ -151,7 +152,8 @@ def table(rows, reps: int) -> str:
                      + f" | {HOROVOD_QUOTED[w]:,} |")
     lines += ["", "| workload | local / plain-1 | mpi-2 / ddp-2 | mpi-2 / nosync-2 | mpi-2 / ref-fused-2 | "
               "comm ms per step (ours) | bare Allreduce ms | comm / bare | thread budget gain | spark-2 / mpi-2 | "
-              "spark-2 wall / tdist-2 wall |", "|---" * 11 + "|"]
+              "spark-2 wall / tdist-2 wall | data wait (mpi-2, % of step) | peak RSS per rank (mpi-2, MB) |",
+              "|---" * 13 + "|"]
     for w, r, bare in rows:
         threads = next(n for n in r if n.startswith("mpi-2 threads"))
         spark = (f"{r['spark-2']['sps'] / r['mpi-2']['sps']:.2f}x | {r['spark-2']['wall']:.1f} s / "
@@ -161,7 +163,8 @@ def table(rows, reps: int) -> str:
             f"| {w} | {r['local']['sps'] / r['plain-1']['sps']:.2f}x | {r['mpi-2']['sps'] / r['ddp-2']['sps']:.2f}x"
             f" | {r['mpi-2']['sps'] / r['nosync-2']['sps']:.2f}x | {r['mpi-2']['sps'] / r['ref-fused-2']['sps']:.2f}x"
             f" | {r['mpi-2']['comm_ms']:.2f} | {bare:.2f} | {r['mpi-2']['comm_ms'] / bare:.2f}x"
-            f" | {r['mpi-2']['sps'] / r[threads]['sps']:.2f}x | {spark} |")
+            f" | {r['mpi-2']['sps'] / r[threads]['sps']:.2f}x | {spark}"
+            f" | {r['mpi-2']['data_pct']:.1f}% | {r['mpi-2']['rss_mb']:,.0f} |")
     return "\n".join(lines)
 
 
