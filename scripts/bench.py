@@ -35,20 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_train.cli import spark_env  # PATH and PYSPARK_* pointing at this environment
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORKLOADS = {"mlp": "conf/bench_mlp.yaml", "lenet": "conf/bench_lenet.yaml", "wide": "conf/bench_wide.yaml"}
 STEPS = {"mlp": 150, "lenet": 100, "wide": 30}
 HOROVOD_QUOTED = {"mlp": 11800, "lenet": 9800, "wide": 470}  # issue 5's table; does not build here
 MPIRUN = [BIN / "mpirun", "-n", 2, "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-
-
-def _env() -> dict:
-    e = dict(os.environ)
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    e.setdefault("PYSPARK_PYTHON", sys.executable)
-    e.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    return e
 
 
 class Hung(RuntimeError):
@@ -58,7 +52,7 @@ class Hung(RuntimeError):
 def _run(cmd, timeout=240) -> str:
     """Run a benchmark command in its own process group; past `timeout` kill the group."""
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=_env(), start_new_session=True)
+                            cwd=ROOT, env=spark_env(), start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
