@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -87,11 +88,13 @@ class Position:
 
 
 def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, launcher: str = "local",
-        local_rank: int = 0, threads: int | None = None, write_outputs: bool = True, fence=None) -> Result:
+        local_rank: int = 0, threads: int | None = None, write_outputs: bool = True, fence=None,
+        quiet: bool = False) -> Result:
     """Train `cfg` on this worker's `data` with peers reachable through `comm`.
 
     `write_outputs=False` leaves model.pt and summary.json to the caller (the Spark driver);
-    `fence`, if given, is asked before each write whether this run still owns --out."""
+    `fence`, if given, is asked before each write whether this run still owns --out;
+    `quiet` prints nothing (the Spark driver shows progress from metrics.jsonl instead)."""
     started = time.perf_counter()
     config.check_world(cfg, comm.world_size)
     device = resolve_device(cfg.device, local_rank)
@@ -99,7 +102,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     model = models.build(cfg, data.sample_shape, data.outputs).to(device)
     grads = FusedGrads(model)
     optimizer = make_optimizer(cfg, model)
-    writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence)
+    writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout)
 
     pos = Position()
     ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log) if resume and out_dir else None

@@ -40,7 +40,7 @@ class RunWriter:
         self.active = active and out_dir is not None
         self.fence = fence
         self.out = Path(out_dir) if out_dir is not None else None
-        self.stream = stream if active else None
+        self.stream = stream if active else None  # None: print nothing
         if self.active:
             self.out.mkdir(parents=True, exist_ok=True)
 

@@ -25,10 +25,12 @@ passes through the driver. This is the only module that imports pyspark.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -244,6 +246,7 @@ def _run_attempts(spark, cfg, source: Source, out: Path | None, resume: bool, lo
             checkpoint.atomic_write(out / ".attempt", str(attempt).encode())  # fences off older attempts
         task = _TrainTask(cfg, source.n, world, source.outputs, source.sample_shape, source.label_column,
                           source.feature_columns, str(out) if out else None, resume, attempt)
+        follower = _Progress(out / "metrics.jsonl", log) if out is not None else None
         try:
             blobs = shards.barrier().mapPartitions(task).collect()
             break
@@ -254,6 +257,9 @@ def _run_attempts(spark, cfg, source: Source, out: Path | None, resume: bool, lo
             print(f"[dist-train] spark: attempt {attempt} failed: {cause}; retrying from the newest checkpoint",
                   file=sys.stderr, flush=True)
             resume = True
+        finally:
+            if follower is not None:
+                follower.stop()
     payload = checkpoint.load_bytes(blobs[0])
     model = models.build(cfg, source.sample_shape, source.outputs)
     model.load_state_dict(payload["model"]["state_dict"])
@@ -264,6 +270,47 @@ def _run_attempts(spark, cfg, source: Source, out: Path | None, resume: bool, lo
     log(f"[dist-train] spark: done: {result.summary['steps']} steps on {world} workers, eval "
         f"{result.summary['eval']}" + (f", outputs in {out}" if out else ""))
     return result
+
+
+class _Progress(threading.Thread):
+    """Driver side: show the workers' progress by following rank 0's metrics.jsonl on the
+    shared --out (Spark's own stage bar says only how many tasks are running)."""
+
+    def __init__(self, path: Path, log):
+        super().__init__(daemon=True, name="dist-train-progress")
+        self.path, self.log, self.offset = path, log, path.stat().st_size if path.exists() else 0
+        self.halt = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.halt.wait(0.5):
+            self.poll()
+
+    def poll(self):
+        if not self.path.exists():
+            return
+        if self.path.stat().st_size < self.offset:  # rewritten (a resumed attempt trims it)
+            self.offset = 0
+        with open(self.path) as f:
+            f.seek(self.offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # being written; next time
+                self.offset += len(line)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("kind") == "step":
+                    self.log(f"[dist-train] spark: step {rec['step']:>6}  epoch {rec['epoch']:>3}  "
+                             f"loss {rec['loss']:.5f}  {rec.get('samples_per_sec', 0):,.0f} samples/s")
+                elif rec.get("kind") == "epoch" and rec.get("loss") is not None:
+                    self.log(f"[dist-train] spark: epoch {rec['epoch']} done, loss {rec['loss']:.5f}")
+
+    def stop(self):
+        self.halt.set()
+        self.join(timeout=2)
+        self.poll()
 
 
 def task_error(e: BaseException) -> str:
@@ -329,7 +376,7 @@ class _TrainTask:
             threads = runtime.set_threads(runtime.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads))
             result = fit(self.cfg, comm, WorkerData(x, y, self.n, self.outputs, offset=lo), out_dir=self.out,
                          resume=self.resume, launcher="spark", threads=threads, write_outputs=False,
-                         fence=self._fence())
+                         fence=self._fence(), quiet=self.out is not None)  # the driver follows metrics.jsonl
         except BaseException as e:  # noqa: BLE001 - report which rank failed and why, in one line
             if _is_peer_loss(e):  # a consequence, not the cause: let the failing rank's report reach the driver first
                 time.sleep(PEER_LOSS_GRACE_S)

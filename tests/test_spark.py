@@ -269,3 +269,12 @@ def test_an_executor_killed_mid_training_is_survived_by_a_retry(standalone, tmp_
     assert "attempt 1 failed" in output
     s = json.loads((out / "summary.json").read_text())
     assert s["epochs"] == 40 and s["world_size"] == 2
+
+
+def test_the_driver_shows_the_workers_progress(spark, tmp_path):
+    lines = []
+    L.train(spark, ROOT / "conf/digits.yaml", sets=["train.epochs=2", "model.hidden=[16]", "train.log_every=10",
+                                                    "spark.workers=2"], out_dir=tmp_path / "o", log=lines.append)
+    steps = [x for x in lines if x.startswith("[dist-train] spark: step")]
+    assert steps and "loss" in steps[0] and "samples/s" in steps[0]
+    assert any("epoch 1 done" in x for x in lines)
