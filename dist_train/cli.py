@@ -61,13 +61,18 @@ def default_out(config_path: str) -> Path:
     return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def out_dir(args) -> Path:
+    """The run directory: --out, or a new runs/CONFIG-TIMESTAMP; --resume needs an explicit one."""
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out DIR: the run directory to continue")
+    return prepare_out_dir(args.out or default_out(args.config), args.resume)
+
+
 def prepare(args, world_size: int) -> Job:
     """Everything checked before a worker trains: config, world, data, model, output dir."""
     cfg = config.load(args.config, args.set)
     config.check_world(cfg, world_size)
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out DIR: the run directory to continue")
-    out = prepare_out_dir(args.out or default_out(args.config), args.resume)
+    out = out_dir(args)
     ds = data.load(cfg)
     outputs = validate.check(cfg, ds)
     return Job(cfg, ds, outputs, out, args.resume)

@@ -481,11 +481,8 @@ def session(app: str = "dist-train"):
 @cli.guarded
 def main(argv: list[str] | None = None) -> int:
     args = cli.job_parser("launchers/spark.py").parse_args(argv)
-    cfg = config.load(args.config, args.set)
-    config.check_world(cfg, cfg.spark.workers)
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out DIR: the run directory to continue")
-    out = prepare_out_dir(args.out or cli.default_out(args.config), args.resume)
+    cfg = config.load(args.config, args.set)  # refuse bad input before the JVM's seconds of start-up
+    out = cli.out_dir(args)
     spark = session()
     try:
         train(spark, cfg, out_dir=out, resume=args.resume, log=print)

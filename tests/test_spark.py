@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import BIN, ROOT, assert_same_weights, env, mpirun, ok, run, weights
+from .helpers import BIN, ROOT, assert_same_weights, env, mpirun, ok
 
 pyspark = pytest.importorskip("pyspark")
 from launchers import spark as L  # noqa: E402
