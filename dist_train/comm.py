@@ -22,12 +22,23 @@ class Communicator:
         """Sum `buf` over all workers, in place."""
         raise NotImplementedError
 
+    def allreduce_mean(self, buf: torch.Tensor, count_at: int) -> None:
+        """Sum `buf` over all workers, then divide buf[:count_at] by the summed buf[count_at]
+        (when it is > 0): the gradients by the global sample count behind them."""
+        self.allreduce(buf)
+        divide_by_count(buf, count_at)
+
     def broadcast(self, buf: torch.Tensor, root: int = 0) -> None:
         """Overwrite `buf` with root's `buf`, in place."""
         raise NotImplementedError
 
     def barrier(self) -> None:
         raise NotImplementedError
+
+    def grad_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A zeroed flat buffer for the gradients, whose allreduce may take a faster path
+        than any other tensor's (shared memory). Collective: every worker calls it once."""
+        return torch.zeros(numel, dtype=dtype, device=device)
 
     def abort(self, code: int = 1) -> None:
         """End every worker of the job now (never returns)."""
@@ -76,6 +87,8 @@ class TorchDistComm(Communicator):
 class HostLocalComm(TorchDistComm):
     """torch.distributed, except that allreduce sums through shared memory among the
     workers of one host, and crosses hosts with gloo among one leader per host only.
+    The gradient buffer lives in shared memory itself (shm.SharedGrads); its parts cross
+    hosts in parallel, local worker i of every host summing part i.
 
     `hosts[r]` is rank r's host; `token` names this job's segments (unique per job)."""
 
@@ -89,11 +102,21 @@ class HostLocalComm(TorchDistComm):
             groups.setdefault(h, []).append(r)
         mine = groups[hosts[self.rank]]
         leaders = sorted(g[0] for g in groups.values())
-        # every rank takes part in creating the leaders' group, members or not
+        # every rank takes part in creating every group, members or not
         self.leaders = dist.new_group(leaders) if len(leaders) > 1 else None
         self.is_leader = self.rank == mine[0]
+        self.local_rank, self.local_size = mine.index(self.rank), len(mine)
+        self.parts = min(len(g) for g in groups.values())  # gradient parts that cross hosts in parallel
+        self.cross = None  # this worker's group across hosts: local worker i of every host
+        if len(groups) > 1:
+            for i in range(self.parts):
+                group = dist.new_group(sorted(g[i] for g in groups.values()))
+                if i == self.local_rank:
+                    self.cross = group
+        self._token, self._timeout_s, self._names = token, timeout_s, [f"rank {r}" for r in mine]
+        self._leader, self.shared, self.grads = mine[0], None, None
         path = shm.SHM_DIR / f"dist-train-{token}-{mine[0]}"
-        names = [f"rank {r}" for r in mine]
+        names = self._names
         if self.is_leader:
             self.local = shm.HostAllreduce(path, 0, len(mine), slot_bytes, True, timeout_s, names)
         dist.barrier()
@@ -104,7 +127,40 @@ class HostLocalComm(TorchDistComm):
         if self.is_leader:
             os.unlink(path)  # mapped by every local worker: nothing left behind after a crash
 
+    def grad_buffer(self, numel, dtype, device):
+        from . import shm
+
+        if device.type != "cpu":
+            return super().grad_buffer(numel, dtype, device)
+        usable, self.shared = shm.open_shared_grads(
+            shm.SHM_DIR / f"dist-train-{self._token}-{self._leader}-grads", self.local_rank, self.local_size,
+            numel, dtype, self._timeout_s, self._names, self.parts, self._dist.barrier, self._all_ok)
+        if not usable:
+            return super().grad_buffer(numel, dtype, device)
+        self.grads = self.shared.mine if self.shared is not None else super().grad_buffer(numel, dtype, device)
+        self.grads.zero_()
+        return self.grads
+
+    def _all_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([0.0 if ok else 1.0])
+        self._dist.all_reduce(flag)
+        return flag.item() == 0.0
+
+    def allreduce_mean(self, buf, count_at):
+        if self.shared is not None and self.leaders is None and same_memory(buf, self.grads):
+            self.shared.allreduce(mean_at=count_at)  # dist: one host: the sum and the division in one pass
+        else:
+            super().allreduce_mean(buf, count_at)
+
     def allreduce(self, buf):
+        if self.grads is not None and same_memory(buf, self.grads):
+            cross = self.cross
+            between = None if cross is None else (lambda part: self._dist.all_reduce(part, group=cross))
+            if self.shared is not None:
+                self.shared.allreduce(between)  # dist: sum within the host; part i across hosts
+            elif between is not None:
+                between(buf)  # the only worker on its host: the whole buffer is its part
+            return
         host = buf if buf.device.type == "cpu" else buf.cpu()
         self.local.allreduce(host)  # dist: sum within the host
         if self.leaders is not None:
@@ -113,3 +169,14 @@ class HostLocalComm(TorchDistComm):
             self.local.broadcast_from(host, 0)
         if host is not buf:
             buf.copy_(host)
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Is `a` the very tensor memory `b` (the shared gradient buffer)?"""
+    return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
+
+
+def divide_by_count(buf: torch.Tensor, count_at: int) -> None:
+    total = float(buf[count_at])
+    if total > 0:
+        buf[:count_at].div_(total)

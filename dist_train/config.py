@@ -118,8 +118,8 @@ KEYS: tuple[Key, ...] = (
         check=_positive),
     Key("comm.check_every_steps", int, 100, "compare a checksum of the parameters across workers every N steps "
         "and stop if they drifted apart (0: never)", check=_non_negative),
-    Key("comm.shm", bool, True, "Spark: workers on one host sum gradients through shared memory, gloo "
-        "only between hosts (x86-64 Linux; elsewhere gloo throughout)"),
+    Key("comm.shm", bool, True, "workers on one host sum gradients in shared memory; MPI or gloo only "
+        "between hosts (x86-64 Linux; false or elsewhere: MPI Allreduce / gloo throughout)"),
     # spark
     Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
     Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",

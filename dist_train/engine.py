@@ -100,7 +100,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     device = resolve_device(cfg.device, local_rank)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg, data.sample_shape, data.outputs).to(device)
-    grads = FusedGrads(model)
+    grads = FusedGrads(model, comm)
     optimizer = make_optimizer(cfg, model)
     writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout)
 

@@ -14,6 +14,7 @@ global count gives the mean over the global batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class StepStats:
 class FusedGrads:
     """Gradients of `model` as views into one flat buffer, with the stats tail."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, comm=None):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -44,9 +45,14 @@ class FusedGrads:
         if len(dtypes) != 1:
             raise ValueError(f"all trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
         total = sum(p.numel() for p in params)
-        self.flat = torch.zeros(total + TAIL, dtype=params[0].dtype, device=params[0].device)
+        dtype, device = params[0].dtype, params[0].device
+        # the communicator may hand out memory it sums faster (shared memory): collective
+        self.flat = comm.grad_buffer(total + TAIL, dtype, device) if comm is not None else \
+            torch.zeros(total + TAIL, dtype=dtype, device=device)
+        self.n = total
         self.grads = self.flat[:total]
         self.tail = self.flat[total:]
+        self._tail_np = self.tail.numpy() if self.tail.device.type == "cpu" else None
         offset = 0
         for p in params:
             p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
@@ -61,23 +67,27 @@ class FusedGrads:
              more: bool) -> StepStats:
         """Sum gradients and stats over all workers, then average the gradients."""
         tail = self.tail
-        tail[0] = count
-        tail[1] = loss_sum
-        tail[2] = correct
-        tail[3] = 1.0 if more else 0.0
-        if isinstance(loss_sum, torch.Tensor):  # stays on the device: no sync here
-            bad = torch.logical_not(torch.isfinite(loss_sum)).to(tail.dtype)
-            tail[4] = bad
-            tail[5] = bad * float(1 << comm.rank) if comm.rank < MASK_RANKS else 0.0
-        else:
-            tail[4:6] = 0.0
-        comm.allreduce(self.flat)  # dist: the one collective of a training step
+        if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
+            loss_sum, correct = float(loss_sum), int(correct)
+            bad = 0.0 if math.isfinite(loss_sum) else 1.0
+            self._tail_np[:] = (count, loss_sum, correct, 1.0 if more else 0.0, bad,
+                                bad * (1 << comm.rank) if comm.rank < MASK_RANKS else 0.0)
+        else:  # stays on the device: no sync before the collective
+            tail[0] = count
+            tail[1] = loss_sum
+            tail[2] = correct
+            tail[3] = 1.0 if more else 0.0
+            if isinstance(loss_sum, torch.Tensor):
+                bad = torch.logical_not(torch.isfinite(loss_sum)).to(tail.dtype)
+                tail[4] = bad
+                tail[5] = bad * float(1 << comm.rank) if comm.rank < MASK_RANKS else 0.0
+            else:
+                tail[4:6] = 0.0
+        comm.allreduce_mean(self.flat, self.n)  # dist: the one collective of a training step
         total, loss, right, more_any, bad_workers, mask = tail.tolist()
         if bad_workers:
             ranks = tuple(r for r in range(MASK_RANKS) if int(mask) >> r & 1)
             return StepStats(int(round(total)), float("nan"), 0, more_any > 0.5, int(round(bad_workers)), ranks)
-        if total > 0:
-            self.grads.div_(total)
         return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5)
 
 

