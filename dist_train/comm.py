@@ -35,6 +35,11 @@ class Communicator:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    def waited_s(self) -> float:
+        """Seconds spent so far waiting for slower workers to reach the gradient exchange,
+        where the transport can tell it apart from the exchange itself (else 0)."""
+        return self.shared.waited if getattr(self, "shared", None) is not None else 0.0
+
     def grad_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed flat buffer for the gradients, whose allreduce may take a faster path
         than any other tensor's (shared memory). Collective: every worker calls it once."""

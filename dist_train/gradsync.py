@@ -4,7 +4,8 @@ Every trainable parameter's `.grad` is a view into one flat buffer, so backward 
 straight into it: no packing before the allreduce, no unpacking after. Behind the
 gradients sit a few statistics of the local batch, summed in the same collective:
 
-    [ grads ... | sample count | loss sum | correct | has more batches | non-finite | which ranks ]
+    [ grads ... | sample count | loss sum | correct | has more batches | non-finite | which ranks
+                | seconds of the previous step: data, compute, exchange, waiting for peers ]
 
 One allreduce(sum) then gives the global count, so the division by it is exact even
 when local batches differ in size or are empty, and it costs no extra collective. We
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-TAIL = 6  # count, loss sum, correct, more, workers with a non-finite loss, bitmask of those ranks (< 24)
+TAIL = 10  # count, loss sum, correct, more, workers with a non-finite loss, bitmask of those ranks (< 24),
+#            and this worker's data / compute / comm / wait seconds of its previous step (summed: all workers')
+TIMES = ("data", "compute", "comm", "wait")
 MASK_RANKS = 24  # ranks a float32 bitmask names exactly
 
 
@@ -32,6 +35,7 @@ class StepStats:
     more: bool  # does any worker have another batch this epoch
     nonfinite: int = 0  # workers whose loss was NaN or Inf
     nonfinite_ranks: tuple[int, ...] = ()  # which (those below MASK_RANKS)
+    times: tuple[float, ...] = (0.0,) * len(TIMES)  # the previous step's seconds (TIMES), summed over workers
 
 
 class FusedGrads:
@@ -64,15 +68,17 @@ class FusedGrads:
         self.flat.zero_()
 
     def sync(self, comm, count: int, loss_sum: torch.Tensor | float, correct: torch.Tensor | int,
-             more: bool) -> StepStats:
-        """Sum gradients and stats over all workers, then average the gradients."""
+             more: bool, times=(0.0,) * len(TIMES)) -> StepStats:
+        """Sum gradients and stats over all workers, then average the gradients.
+        `times`: this worker's seconds of its previous step (TIMES), summed along."""
         tail = self.tail
         if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
             loss_sum, correct = float(loss_sum), int(correct)
             bad = 0.0 if math.isfinite(loss_sum) else 1.0
             self._tail_np[:] = (count, loss_sum, correct, 1.0 if more else 0.0, bad,
-                                bad * (1 << comm.rank) if comm.rank < MASK_RANKS else 0.0)
+                                bad * (1 << comm.rank) if comm.rank < MASK_RANKS else 0.0, *times)
         else:  # stays on the device: no sync before the collective
+            tail[6:] = torch.tensor(times, dtype=tail.dtype)
             tail[0] = count
             tail[1] = loss_sum
             tail[2] = correct
@@ -84,11 +90,13 @@ class FusedGrads:
             else:
                 tail[4:6] = 0.0
         comm.allreduce_mean(self.flat, self.n)  # dist: the one collective of a training step
-        total, loss, right, more_any, bad_workers, mask = tail.tolist()
+        total, loss, right, more_any, bad_workers, mask, *summed_times = tail.tolist()
         if bad_workers:
             ranks = tuple(r for r in range(MASK_RANKS) if int(mask) >> r & 1)
-            return StepStats(int(round(total)), float("nan"), 0, more_any > 0.5, int(round(bad_workers)), ranks)
-        return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5)
+            return StepStats(int(round(total)), float("nan"), 0, more_any > 0.5, int(round(bad_workers)), ranks,
+                             tuple(summed_times))
+        return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5,
+                         times=tuple(summed_times))
 
 
 def broadcast_parameters(comm, model: nn.Module, root: int = 0) -> None:

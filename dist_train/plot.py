@@ -1,6 +1,7 @@
 """`dist-train plot RUN_DIR [RUN_DIR...] --out runs.png`: loss and accuracy against steps
 and wall time, several runs overlaid (local vs MPI vs Spark of one config), and where each
-run's step time went (compute, communication, data) from its summary.json."""
+run's step time went (compute, communication, waiting for slower workers, data), averaged
+over its workers, from its summary.json."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     (loss_step, loss_time, bars), (acc_step, acc_time, blank) = axes
     blank.axis("off")
-    names, parts = [], {"compute": [], "comm": [], "data": []}
+    names, parts = [], {"compute": [], "comm": [], "wait": [], "data": []}
     for run in map(Path, runs):
         steps, summary = _read(run)
         label = f"{run.name} ({summary['launcher']}, {summary['world_size']})"
@@ -46,9 +47,10 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
         if any(r.get("accuracy") is not None for r in steps):
             acc_step.plot(x_step, [r.get("accuracy") for r in steps], label=label)
             acc_time.plot(x_time, [r.get("accuracy") for r in steps], label=label)
-        seconds = summary.get("seconds", {})
-        for k in parts:
-            parts[k].append(seconds.get(k, 0.0) / max(summary.get("steps_run", summary.get("steps", 1)), 1) * 1000)
+        seconds = summary.get("seconds_mean_over_workers", summary.get("seconds", {}))
+        steps_timed = summary.get("steps_run", summary.get("steps", 1)) - ("seconds_mean_over_workers" in summary)
+        for k in parts:  # the mean over workers leaves out each worker's last step
+            parts[k].append(seconds.get(k, 0.0) / max(steps_timed, 1) * 1000)
     for ax, title, xlabel in ((loss_step, "training loss", "step"), (loss_time, "training loss", "seconds"),
                               (acc_step, "training accuracy", "step"), (acc_time, "training accuracy", "seconds")):
         ax.set_title(title)
@@ -58,7 +60,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     for k, values in parts.items():
         bars.barh(names, values, left=left, label=k)
         left = [a + b for a, b in zip(left, values)]
-    bars.set_title("ms per step (rank 0)")
+    bars.set_title("ms per step (mean over workers)")
     bars.legend(fontsize=7)
     bars.tick_params(axis="y", labelsize=7)
     fig.tight_layout()

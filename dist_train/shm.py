@@ -158,13 +158,14 @@ class SharedGrads:
 
     Each worker's backward writes into its own slot, so summing needs no copy in or out:
 
-        barrier -> worker i sums part i of every slot (slot order fixed) -> [part i across
-        hosts: `between`] -> writes the sum into part i of every slot -> barrier
+        barrier -> worker i sums part i of every slot into slot 0 (slot order fixed) ->
+        [part i across hosts: `between`] -> copies it into part i of every other slot -> barrier
 
-    Per worker that is reading and writing 2 S / parts bytes (S the buffer's size), where
-    MPI's or gloo's allreduce first copies the buffer into its own transport and back. The
-    sum runs in pieces that stay in cache while they are copied into every slot. Workers
-    with local rank >= `parts` own no part (hosts with fewer workers set `parts`)."""
+    Per worker that is reading and writing about 2 S / parts bytes (S the buffer's size),
+    where MPI's or gloo's allreduce first copies the buffer into its own transport and
+    back. The sum runs in pieces that stay in cache while they are copied. Workers with
+    local rank >= `parts` own no part (hosts with fewer workers set `parts`). `waited`
+    counts the seconds spent in the first barrier: waiting for slower workers, not summing."""
 
     PIECE = 1 << 17  # elements per piece: 512 KB of float32
 
@@ -176,46 +177,40 @@ class SharedGrads:
         self.arrivals = _Arrivals(self.map, local_rank, size, timeout_s, names)
         self.slots = torch.frombuffer(self.map, dtype=dtype, offset=HEADER_BYTES,
                                       count=size * stride).view(size, stride)[:, :numel]
-        self.mine = self.slots[local_rank]
-        self.rank = local_rank
+        self.mine, self.rest = self.slots[local_rank], list(self.slots[1:])
+        self.rank, self.waited = local_rank, 0.0
         self.counts = np.frombuffer(self.map, dtype=np.float64, count=256, offset=4096)[:size]
         parts = size if parts is None else parts
         self.lo = local_rank * numel // parts if local_rank < parts else 0
         self.hi = (local_rank + 1) * numel // parts if local_rank < parts else 0
-        self.others = [s for r, s in enumerate(self.slots) if r != local_rank]
-        self.scratch = torch.empty(min(self.PIECE, max(self.hi - self.lo, 1)), dtype=dtype)
 
     def allreduce(self, between=None, mean_at: int | None = None) -> None:
         """Sum every worker's slot into every slot; `between(part)` sums this worker's part
-        (a view of its own slot) across hosts, in place. With `mean_at` (one host only),
+        (a view of slot 0) across hosts, in place. With `mean_at` (one host only),
         elements below it are divided by the summed element at it, in the same pass."""
         if mean_at is not None:  # in the header: the slots' copies are overwritten by their part's owner
             self.counts[self.rank] = float(self.mine[mean_at])
+        start = time.perf_counter()
         self.arrivals.wait()  # every slot holds its worker's gradients
-        slots, scratch, mine = self.slots, self.scratch, self.mine
+        self.waited += time.perf_counter() - start
+        rest, first = self.rest, self.slots[0]
         total = 0.0
         if mean_at is not None:  # whole numbers: summed exactly, the same float as the summed count
             total = float(sum(self.counts))
-        for lo in range(self.lo, self.hi, self.PIECE):
+        for lo in range(self.lo, self.hi, self.PIECE):  # my part, summed into slot 0 in place, in slot order
             hi = min(lo + self.PIECE, self.hi)
-            acc = scratch[:hi - lo]
-            if len(slots) > 1:
-                torch.add(slots[0, lo:hi], slots[1, lo:hi], out=acc)
-            else:
-                acc.copy_(slots[0, lo:hi])
-            for s in slots[2:]:
+            acc = first[lo:hi]
+            for s in rest:
                 acc.add_(s[lo:hi])
             if total > 0 and lo < mean_at:
                 acc[:mean_at - lo].div_(total)
             if between is None:
-                for s in slots:
-                    s[lo:hi].copy_(acc)
-            else:
-                mine[lo:hi].copy_(acc)
+                for s in rest:
+                    s[lo:hi].copy_(acc)  # while the piece is still in cache
         if between is not None and self.hi > self.lo:
-            between(mine[self.lo:self.hi])
-            for s in self.others:
-                s[self.lo:self.hi].copy_(mine[self.lo:self.hi])
+            between(first[self.lo:self.hi])
+            for s in rest:
+                s[self.lo:self.hi].copy_(first[self.lo:self.hi])
         self.arrivals.wait()  # every part is in every slot; no one reads another's slot until the next call
 
 

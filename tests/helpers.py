@@ -28,9 +28,18 @@ def env() -> dict:
     return e
 
 
+# Open MPI 5's launcher now and then fails before starting any rank (openpmix: 'ptl_tool: problems
+# getting address'); that run is repeated once, any other failure stands.
+MPIRUN_DID_NOT_START = "The PMIx server's listener thread failed to start"
+
+
 def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env(),
-                          cwd=ROOT, **kw)
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env(),
+                       cwd=ROOT, **kw)
+    if p.returncode != 0 and MPIRUN_DID_NOT_START in (p.stderr or "") + (p.stdout or ""):
+        p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env(),
+                           cwd=ROOT, **kw)
+    return p
 
 
 def local(config, out, *sets, resume=False, timeout=120):
