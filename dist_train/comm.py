@@ -139,7 +139,7 @@ class HostLocalComm(TorchDistComm):
             return super().grad_buffer(numel, dtype, device)
         usable, self.shared = shm.open_shared_grads(
             shm.SHM_DIR / f"dist-train-{self._token}-{self._leader}-grads", self.local_rank, self.local_size,
-            numel, dtype, self._timeout_s, self._names, self.parts, self._dist.barrier, self._all_ok)
+            numel, dtype, self._timeout_s, self._names, self.parts, self._all_ok)
         if not usable:
             return super().grad_buffer(numel, dtype, device)
         self.grads = self.shared.mine if self.shared is not None else super().grad_buffer(numel, dtype, device)

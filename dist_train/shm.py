@@ -215,26 +215,27 @@ class SharedGrads:
 
 
 def open_shared_grads(path: Path, local_rank: int, size: int, numel: int, dtype: torch.dtype,
-                      timeout_s: float | None, names: list[str], parts: int, barrier, all_ok):
+                      timeout_s: float | None, names: list[str], parts: int, all_ok):
     """Collective over every worker of the job: local rank 0 of each host creates its
-    host's segment, `barrier()` (all workers), the others map it, `all_ok(flag)` (True if
-    every worker's flag is), then it is unlinked. A host with one worker maps nothing.
+    host's segment; if all could (`all_ok(flag)`: True on every worker if every worker's
+    flag is), the others map it; `all_ok` again; then it is unlinked. A host with one
+    worker maps nothing.
 
     Returns (usable, SharedGrads or None): usable is False on every worker if any of them
-    could not map its segment (e.g. a full /dev/shm); then all use their plain path."""
+    could not create or map its segment (e.g. a full /dev/shm); then all use their plain path."""
     grads, ok = None, True
     if size > 1 and local_rank == 0:
         try:
             grads = SharedGrads(path, 0, size, numel, dtype, True, timeout_s, names, parts)
-        except OSError:
+        except (OSError, ValueError):
             ok = False
-    barrier()
-    if size > 1 and local_rank != 0:
+    created = all_ok(ok)
+    if created and size > 1 and local_rank != 0:
         try:
             grads = SharedGrads(path, local_rank, size, numel, dtype, False, timeout_s, names, parts)
-        except OSError:  # also: local rank 0 could not create it
+        except (OSError, ValueError):
             ok = False
-    usable = all_ok(ok)
+    usable = all_ok(ok) and created
     if grads is not None and local_rank == 0:
         os.unlink(path)  # mapped by every local worker (or given up): nothing left behind after a crash
     return (True, grads) if usable else (False, None)

@@ -91,8 +91,7 @@ class MPIComm(Communicator):
         timeout = None if self.timeout_s is None else self.timeout_s + 10
         usable, self.shared = shm.open_shared_grads(
             shm.SHM_DIR / f"dist-train-{token}-{local_ranks[0]}-grads", self.local_rank, self.local_size, numel,
-            dtype, timeout, [f"rank {r}" for r in local_ranks], parts, comm.Barrier,
-            lambda ok: comm.allreduce(ok, op=MPI.LAND))
+            dtype, timeout, [f"rank {r}" for r in local_ranks], parts, lambda ok: comm.allreduce(ok, op=MPI.LAND))
         if not usable:
             return super().grad_buffer(numel, dtype, device)
         self.grads = self.shared.mine if self.shared is not None else super().grad_buffer(numel, dtype, device)

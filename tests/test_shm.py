@@ -19,9 +19,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(hosts, mode="ok", expect=None):
+def launch(hosts, mode="ok", expect=None, token=None):
     ctx = mp.get_context("spawn")
-    queue, world, port, token = ctx.Queue(), len(hosts), free_port(), uuid.uuid4().hex
+    queue, world, port, token = ctx.Queue(), len(hosts), free_port(), token or uuid.uuid4().hex
     procs = [ctx.Process(target=shm_worker.run, args=(r, world, port, hosts, token, mode, queue)) for r in range(world)]
     for p in procs:
         p.start()
@@ -69,3 +69,23 @@ def test_a_stalled_peer_is_named_after_the_timeout():
     for rank in (0, 2):
         assert "rank 1 did not arrive within 3 s (stalled)" in results[rank]["after"]
         assert 3 <= results[rank]["seconds"] < 8
+
+
+def test_when_one_host_cannot_map_its_segment_every_worker_falls_back_together():
+    """Host b's segment cannot be created (the name is taken, as a full /dev/shm would fail
+    it): no worker keeps a shared buffer, the sums are still right, nothing is left over."""
+    token = uuid.uuid4().hex
+    taken = shm.SHM_DIR / f"dist-train-{token}-1-grads"  # host b's leader is rank 1
+    taken.write_bytes(b"")
+    try:
+        results = launch(["a", "b", "a", "b"], token=token)
+    finally:
+        taken.unlink()
+    s = 10
+    for rank, out in results.items():
+        assert "error" not in out, out
+        assert out["grads in shared memory"] is False
+        for step in range(3):
+            first, second, third, total, count = out[f"grads {step}"]
+            assert [first, second, third, count] == [0.0, (step + 1) / 2, (step + 1), 2 * s]
+    assert not list(shm.SHM_DIR.glob(f"dist-train-{token}-*")), "host a's segment is removed too"
