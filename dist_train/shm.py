@@ -167,7 +167,7 @@ class SharedGrads:
     local rank >= `parts` own no part (hosts with fewer workers set `parts`). `waited`
     counts the seconds spent in the first barrier: waiting for slower workers, not summing."""
 
-    PIECE = 1 << 17  # elements per piece: 512 KB of float32
+    PIECE = 1 << 20  # elements per piece: 4 MB of float32
 
     def __init__(self, path: Path, local_rank: int, size: int, numel: int, dtype: torch.dtype, create: bool,
                  timeout_s: float | None, names: list[str] | None = None, parts: int | None = None):
