@@ -40,6 +40,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
+def session(app: str = "dist-train"):
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local executors run this environment's Python
+    return SparkSession.builder.appName(app).getOrCreate()
+
+
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv):
+    # spark-submit: the JVM builds the SparkContext (~3 s) while Python imports torch and checks
+    # the job; main()'s session() then returns this one (getOrCreate holds a lock meanwhile)
+    threading.Thread(target=session, daemon=True, name="dist-train-spark-start").start()
+
 import numpy as np
 
 from dist_train import checkpoint, cli, config, data, models, runtime, sharding, validate
@@ -371,8 +384,9 @@ class _TrainTask:
         ctx = BarrierTaskContext.get()
         rank = ctx.partitionId()
         try:
+            rendezvous = _Rendezvous(ctx, rank, self.world, self.cfg)
             lo, x, y = self._assemble(rank, pieces)
-            comm = _rendezvous(ctx, rank, self.world, self.cfg)
+            comm = rendezvous.finish()
             threads = runtime.set_threads(runtime.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads))
             result = fit(self.cfg, comm, WorkerData(x, y, self.n, self.outputs, offset=lo), out_dir=self.out,
                          resume=self.resume, launcher="spark", threads=threads, write_outputs=False,
@@ -426,34 +440,58 @@ def _is_peer_loss(e: BaseException) -> bool:
                                    "exited while"))
 
 
-def _rendezvous(ctx, rank: int, world: int, cfg):
+class _Rendezvous:
     """Rank 0 opens a TCPStore on its executor's address; allGather shares the port and a
-    job token; same-host workers then sum through shared memory (comm.shm)."""
-    import uuid
+    job token; same-host workers then sum through shared memory (comm.shm).
 
-    import torch.distributed as dist
+    The allGather runs in a thread from the task's first moment: Spark answers a barrier
+    call about a second after the last task arrives, and the task spends that second
+    assembling its shard and importing what its first optimizer step would (`finish`)."""
 
-    from dist_train import shm
-    from dist_train.comm import HostLocalComm, TorchDistComm
+    def __init__(self, ctx, rank: int, world: int, cfg):
+        import uuid
 
-    infos = ctx.getTaskInfos()
-    hosts = [info.address.rsplit(":", 1)[0] for info in infos]
-    timeout = timedelta(seconds=cfg.comm.timeout_s)
-    store = None
-    if rank == 0:  # listen only on the address Spark gave this task (TCPStore alone would listen on all)
-        sock = socket.create_server((hosts[0], 0), backlog=max(128, world))
-        store = dist.TCPStore(hosts[0], sock.getsockname()[1], world, is_master=True, timeout=timeout,
-                              wait_for_workers=False, master_listen_fd=sock.fileno())
-        _STORE.append(sock)
-    mine = f"{store.port} {uuid.uuid4().hex}" if store is not None else ""
-    port, token = ctx.allGather(mine)[0].split()  # dist: rendezvous through Spark
-    if store is None:
-        store = dist.TCPStore(hosts[0], int(port), world, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    _STORE.append(store)  # keep the store open while the group lives
-    if cfg.comm.shm and shm.supported():
-        return HostLocalComm(hosts, token, cfg.comm.timeout_s)
-    return TorchDistComm()
+        import torch.distributed as dist
+
+        self.rank, self.world, self.cfg = rank, world, cfg
+        self.hosts = [info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos()]
+        self.timeout = timedelta(seconds=cfg.comm.timeout_s)
+        self.store, self.gathered, self.error = None, None, None
+        if rank == 0:  # listen only on the address Spark gave this task (TCPStore alone would listen on all)
+            sock = socket.create_server((self.hosts[0], 0), backlog=max(128, world))
+            self.store = dist.TCPStore(self.hosts[0], sock.getsockname()[1], world, is_master=True,
+                                       timeout=self.timeout, wait_for_workers=False, master_listen_fd=sock.fileno())
+            _STORE.append(sock)
+        mine = f"{self.store.port} {uuid.uuid4().hex}" if self.store is not None else ""
+        self.thread = threading.Thread(target=self._gather, args=(ctx, mine), daemon=True,
+                                       name="dist-train-rendezvous")
+        self.thread.start()
+
+    def _gather(self, ctx, mine):
+        try:
+            self.gathered = ctx.allGather(mine)  # dist: rendezvous through Spark
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish() in the task's thread
+            self.error = e
+
+    def finish(self):
+        import torch._dynamo  # noqa: F401 - torch.optim imports it at the first step (~1 s): do it while Spark answers
+        import torch.distributed as dist
+
+        from dist_train import shm
+        from dist_train.comm import HostLocalComm, TorchDistComm
+
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        port, token = self.gathered[0].split()
+        store = self.store
+        if store is None:
+            store = dist.TCPStore(self.hosts[0], int(port), self.world, is_master=False, timeout=self.timeout)
+        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world, timeout=self.timeout)
+        _STORE.append(store)  # keep the store open while the group lives
+        if self.cfg.comm.shm and shm.supported():
+            return HostLocalComm(self.hosts, token, self.cfg.comm.timeout_s)
+        return TorchDistComm()
 
 
 _STORE: list = []
@@ -469,13 +507,6 @@ def _leave_process_group() -> None:
 
 
 # ---------------------------------------------------------------- spark-submit entry
-
-
-def session(app: str = "dist-train"):
-    from pyspark.sql import SparkSession
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local executors run this environment's Python
-    return SparkSession.builder.appName(app).getOrCreate()
 
 
 @cli.guarded
