@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import config, data, validate
 from .errors import TrainingError, UserError
-from .outputs import prepare_out_dir
+from .outputs import PROGRESS_ENV, prepare_out_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_ERROR_EXIT = 3  # training stopped on purpose, on every worker at the same step
@@ -118,6 +118,7 @@ def mpirun_command(n: int, job_argv: list[str], extra: list[str], cores: int | N
         cmd.append("--oversubscribe")
     if is_root:
         cmd.append("--allow-run-as-root")
+    cmd += ["-x", PROGRESS_ENV]  # mpirun gives ranks a pty: pass on whether *our* output is a terminal
     return cmd + extra + [sys.executable, str(ROOT / "launchers" / "mpi.py")] + job_argv
 
 
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("run_dir")
     pr.add_argument("input")
     pr.add_argument("--out", required=True, help="Parquet file to write")
+    ex = sub.add_parser("export", help="write a run's model as ONNX or TorchScript")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    ex.add_argument("--out", help="file to write (default RUN_DIR/model.onnx or model.ts.pt)")
     sub.add_parser("info", help="versions, threads, MPI, Spark, Java and devices (for a bug report)")
     pl = sub.add_parser("plot", help="PNG of loss/accuracy curves of runs, overlaid, and where step time went")
     pl.add_argument("runs", nargs="+")
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {plot_runs(args.runs, args.out)}", file=sys.stderr)
         return 0
-    if args.command in ("eval", "predict", "info"):
+    if args.command in ("eval", "predict", "export", "info"):
         from . import use
 
         if args.command == "eval":
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             rows = use.predict_run(args.run_dir, args.input, args.out)
             print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
+        elif args.command == "export":
+            print(f"wrote {use.export_run(args.run_dir, args.format, args.out)}", file=sys.stderr)
         else:
             use.print_info()
         return 0
@@ -185,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args, args.n)  # refuse bad input before any rank starts
         cmd = mpirun_command(args.n, _job_argv(args), args.mpirun_arg)
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        return subprocess.call(cmd)
+        env = dict(os.environ)
+        env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
+        return subprocess.call(cmd, env=env)
     args.out = args.out or default_out(args.config)
     submit = find_executable("spark-submit")
     if submit is None:

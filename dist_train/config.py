@@ -46,6 +46,14 @@ def _positive_ints(v):
     return f"must be a list of positive integers, got {v}" if bad else None
 
 
+def _tensorboard(v):
+    import importlib.util
+
+    if v and importlib.util.find_spec("tensorboard") is None:
+        return "needs the tensorboard package: pip install 'dist-train[tensorboard]'"
+    return None
+
+
 def _device(v):
     if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
         return None
@@ -105,6 +113,8 @@ KEYS: tuple[Key, ...] = (
         "stay float32", ("fp32", "bf16")),
     Key("train.shuffle", bool, True, "reshuffle the order every epoch (seeded by seed, epoch, rank)"),
     Key("train.log_every", int, 10, "write a metrics line every N steps (0: once per epoch)", check=_non_negative),
+    Key("log.tensorboard", bool, False, "also write the metrics as TensorBoard scalars to OUT/tensorboard",
+        check=_tensorboard),
     Key("train.target_loss", float, None, "stop once the globally averaged training loss of a step is <= this",
         optional=True, check=_non_negative),
     Key("train.skip_nonfinite", bool, False, "on a NaN/Inf loss on any worker, every worker skips that step "

@@ -108,7 +108,8 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     model = models.build(cfg, data.sample_shape, data.outputs).to(device)
     grads = FusedGrads(model, comm)
     optimizer = make_optimizer(cfg, model)
-    writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout)
+    writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout,
+                       tensorboard=cfg.log.tensorboard)
 
     pos = Position()
     ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log) if resume and out_dir else None
@@ -264,6 +265,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
                  "model": cfg.model.target or cfg.model.name, "torch": str(torch.__version__),
                  "launcher": launcher, "world_size": comm.world_size, "steps": pos.step},
     }
+    writer.close()
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     result = Result(state_dict, summary, model)
     if write_outputs and writer.active:

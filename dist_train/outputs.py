@@ -3,6 +3,7 @@
     model.pt        {"state_dict", "config", "meta"}; torch.load(..., weights_only=True)
     summary.json    launcher, world_size, steps, epochs, final_train_loss, eval, speed, time
     metrics.jsonl   one JSON object per logged step and per epoch
+    tensorboard/    the same as TensorBoard scalars (log.tensorboard: true)
     checkpoints/    step-NNNNNNNN.pt (+ .sha256), for --resume
 
 Call sites never test the rank: a `RunWriter` built with `active=False` does nothing
@@ -12,6 +13,7 @@ Call sites never test the rank: a `RunWriter` built with `active=False` does not
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,12 +37,18 @@ def prepare_out_dir(out_dir: str | Path, resume: bool) -> Path:
     return out
 
 
+PROGRESS_ENV = "DIST_TRAIN_PROGRESS"  # bar | lines: overrides the terminal test (mpirun gives ranks a pty)
+
+
 class RunWriter:
-    def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout, fence=None):
+    def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout, fence=None,
+                 tensorboard: bool = False):
         self.active = active and out_dir is not None
         self.fence = fence
         self.out = Path(out_dir) if out_dir is not None else None
         self.stream = stream if active else None  # None: print nothing
+        self.tensorboard = tensorboard and self.active
+        self._board = None
         if self.active:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -51,7 +59,12 @@ class RunWriter:
     @property
     def tty(self) -> bool:
         """A terminal: a live progress bar; otherwise plain lines every log_every steps (batch logs, CI)."""
-        return self.stream is not None and hasattr(self.stream, "isatty") and self.stream.isatty()
+        if self.stream is None:
+            return False
+        forced = os.environ.get(PROGRESS_ENV)
+        if forced in ("bar", "lines"):
+            return forced == "bar"
+        return hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def log(self, message: str) -> None:
         if self.stream is not None:
@@ -91,6 +104,11 @@ class RunWriter:
                 if rec.get("step", 0) <= resumed_step:
                     kept.append(line + "\n")
             checkpoint.atomic_write(path, "".join(kept).encode())
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard drops what an interrupted attempt logged past the checkpoint
+            self._board = SummaryWriter(str(self.out / "tensorboard"), purge_step=resumed_step)
 
     def _owns_out(self) -> bool:
         if self.fence is not None and not self.fence():
@@ -101,6 +119,17 @@ class RunWriter:
         if self.active and self._owns_out():
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self._board is not None:
+                kind = record["kind"]
+                for name, value in record.items():
+                    if name not in ("kind", "step", "epoch", "time", "samples") and isinstance(value, (int, float)):
+                        self._board.add_scalar(f"{kind}/{name}", value, record["step"])
+                self._board.flush()
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     def checkpoint(self, step: int, state: dict, keep: int) -> None:
         if self.active and self._owns_out():

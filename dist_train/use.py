@@ -2,6 +2,7 @@
 
     dist-train eval RUN_DIR [--data FILE]          loss/accuracy on the run's held-out rows (or on FILE)
     dist-train predict RUN_DIR INPUT --out P.parquet
+    dist-train export RUN_DIR --format onnx|torchscript [--out FILE]
     dist-train info                                 versions and devices, for a bug report
 """
 
@@ -99,6 +100,39 @@ def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_
     pq.write_table(table, tmp)
     os.replace(tmp, out)  # atomic, like every other output
     return len(x)
+
+
+EXPORT_SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx"}
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Write the run's model as TorchScript (`torch.jit.load`) or ONNX (opset 17), with a
+    variable batch dimension; the file is written whole or not at all."""
+    import warnings
+
+    cfg, model, meta = load_run(run_dir)
+    out = Path(out) if out else Path(run_dir) / f"model{EXPORT_SUFFIX[fmt]}"
+    tmp = out.with_name(f".{out.name}.tmp")
+    example = torch.zeros(2, *meta["sample_shape"])
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit and the TorchScript-based ONNX exporter warn that they age
+            if fmt == "torchscript":
+                try:
+                    scripted = torch.jit.script(model)  # keeps control flow
+                except Exception:  # noqa: BLE001 - not scriptable: record the ops one batch runs
+                    scripted = torch.jit.trace(model, example)
+                scripted.save(str(tmp))
+            else:
+                torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17,
+                                  input_names=["x"], output_names=["y"],
+                                  dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    except Exception as e:  # noqa: BLE001 - one line naming the model and the cause
+        tmp.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot export {cfg.model.target or cfg.model.name} to {fmt}: {first}") from None
+    os.replace(tmp, out)
+    return out
 
 
 def info() -> dict:

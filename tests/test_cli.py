@@ -51,6 +51,8 @@ def test_dist_train_mpi_runs_and_prints_its_command(tmp_path):
     assert "+ " in p.stderr and "--bind-to none" in p.stderr and "launchers/mpi.py" in p.stderr
     s = json.loads((tmp_path / "x" / "summary.json").read_text())
     assert s["world_size"] == 3 and s["eval"]["accuracy"] == 1.0
+    # mpirun gives rank 0 a pty, but our output is a pipe: plain lines, no progress bar
+    assert "\r" not in p.stdout and "step    100  epoch" in p.stdout, p.stdout[-500:]
 
 
 def test_dist_train_mpi_refuses_bad_input_before_starting_ranks(tmp_path):

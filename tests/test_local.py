@@ -13,7 +13,7 @@ from dist_train.comm import LocalComm
 from dist_train.engine import WorkerData, fit
 from launchers import local
 
-from .helpers import ROOT, weights
+from .helpers import ROOT, local as run_local, ok, weights
 
 
 def train(tmp_path, conf, *sets, name="run", resume=False):
@@ -147,3 +147,18 @@ def test_resume_at_the_step_limit_takes_no_extra_step(tmp_path):
           resume=True)
     assert summary(cut)["steps"] == 10 and summary(cut)["stopped_by"] == "max_steps"
     assert all(torch.equal(v, weights(cut)[k]) for k, v in before.items())
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    ok(run_local("conf/xor.yaml", out, "train.epochs=60", "train.log_every=20", "log.tensorboard=true"))
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in steps if r["kind"] == "step"]
+    got = board.Scalars("step/loss")
+    assert [e.step for e in got] == [r["step"] for r in logged]
+    assert [e.value for e in got] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    assert {"step/lr", "step/accuracy", "step/compute_ms", "step/comm_ms", "epoch/loss"} <= set(board.Tags()["scalars"])

@@ -48,6 +48,45 @@ def test_predict_refuses_inputs_that_do_not_fit(run, tmp_path, capsys):
     assert not (tmp_path / "p.parquet").exists()
 
 
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("use") / "cnn"
+    assert local.main([str(ROOT / "conf/digits_cnn.yaml"), "--out", str(out), "--set", "train.epochs=1"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("which", ["run", "cnn_run"])
+def test_exported_models_compute_what_the_run_computes(which, request, tmp_path, capsys):
+    """TorchScript (torch.jit.load) and ONNX (onnx's reference evaluator) give the trained
+    model's outputs, for a batch size other than the one exported with."""
+    import torch
+    from onnx import load as load_onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from dist_train.use import load_run
+
+    run = request.getfixturevalue(which)
+    _, model, meta = load_run(run)
+    x = torch.from_numpy(data.digits().x[:7]).reshape(7, *meta["sample_shape"])
+    want = model(x).detach().numpy()
+    assert cli.main(["export", str(run), "--format", "torchscript"]) == 0
+    scripted = torch.jit.load(str(run / "model.ts.pt"))
+    np.testing.assert_allclose(scripted(x).detach().numpy(), want, rtol=1e-5, atol=1e-6)
+    assert cli.main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    got = ReferenceEvaluator(load_onnx(str(tmp_path / "m.onnx"))).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert "wrote" in capsys.readouterr().err
+    assert not list(run.glob(".*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", str(tmp_path), "--format", "onnx"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:")
+    assert not list(tmp_path.iterdir())
+
+
 def test_info_names_versions_and_tools(capsys):
     assert cli.main(["info"]) == 0
     got = json.loads(capsys.readouterr().out)
