@@ -1,4 +1,4 @@
-"""User models (named by model.target) that fail on purpose on one rank at one step."""
+"""User models (named by model.target) that fail on purpose on one rank at one step, or are slow there."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ class Faulty(nn.Module):
             if self.heartbeat:  # lets a test see whether any worker is still training
                 with open(f"{self.heartbeat}.{current_rank()}", "w") as f:
                     f.write(str(self.calls))
-            if self.calls == self.fail_step and current_rank() == self.fail_rank and self._armed():
+            if self.mode == "slow" and current_rank() == self.fail_rank:  # a straggler: 50 ms more every step
+                time.sleep(0.05)
+            elif self.calls == self.fail_step and current_rank() == self.fail_rank and self._armed():
                 if self.mode == "nan":
                     return out * float("nan")
                 if self.mode == "drift":  # this worker's weights leave the others'

@@ -124,3 +124,20 @@ def test_the_shared_memory_gradient_buffer_sums_within_and_across_hosts(n, hosts
             assert [first, second, third, count] == [0.0, (step + 1) / 2, step + 1, 2 * s], (rank, out)
             assert total == pytest.approx((step + 1) * 5000 * 4999 / 4)
         assert out["other"] == sum(range(n))
+
+
+def test_step_times_are_averaged_over_ranks_and_waiting_is_told_apart(tmp_path):
+    """Rank 1 sleeps 50 ms in every forward pass: rank 0 waits about that long at each
+    exchange, so the mean over the two ranks shows ~25 ms of waiting and >= 25 ms of compute."""
+    out = tmp_path / "slow"
+    ok(mpirun(2, "conf/digits.yaml", out, "model.target=tests.faulty:model", "model.kwargs={mode: slow}",
+              "train.epochs=1", "train.batch_size=128", "train.log_every=4", "train.max_steps=9"))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [4, 8]
+    for r in steps:
+        assert 15 <= r["wait_ms"] <= 35 and r["compute_ms"] >= 25 and r["comm_ms"] < 15, r
+    s = json.loads((out / "summary.json").read_text())
+    rank0, mean = s["seconds"], s["seconds_mean_over_workers"]
+    assert rank0["wait"] / s["steps_run"] >= 0.03  # rank 0 itself waited ~50 ms a step
+    assert 0.3 <= mean["wait"] / rank0["wait"] <= 0.7  # rank 1 hardly waited
