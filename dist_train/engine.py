@@ -163,15 +163,17 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             grads.zero()
             count, loss_sum, right, t_data = 0, 0.0, 0, 0.0
             logged = t.log_every and (pos.step + 1) % t.log_every == 0  # accuracy is only needed there
+            micro = batches[pos.batch:pos.batch + t.accumulate]
+            scale = grads.loss_scale(sum(len(rows) for rows in micro))
             # dist: a worker whose shard is used up still joins the step, with zeros
-            for rows in batches[pos.batch:pos.batch + t.accumulate]:  # micro-batches: gradients add up in place
+            for rows in micro:  # micro-batches: gradients add up in place
                 ta = time.perf_counter()
                 xb, yb = data.batch(rows, device)
                 t_data += time.perf_counter() - ta
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
                     out = model(xb)
                 loss = losses.loss_sum(t.loss, out.float(), yb)
-                loss.backward()
+                (loss * scale if scale != 1.0 else loss).backward()
                 count += len(rows)
                 loss_sum = loss_sum + loss.detach()
                 if logged:

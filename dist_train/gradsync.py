@@ -39,7 +39,12 @@ class StepStats:
 
 
 class FusedGrads:
-    """Gradients of `model` as views into one flat buffer, with the stats tail."""
+    """Gradients of `model` as views into one flat buffer, with the stats tail.
+
+    A world of one (`comm.world_size == 1`) has nothing to sum: there the gradients stay
+    PyTorch's own tensors (cleared by dropping them, as zero_grad does) and the loss is
+    scaled by 1 / the step's sample count before backward, so no pass over the gradients
+    is added to the plain loop's (the wide MLP: ~10% of a step)."""
 
     def __init__(self, model: nn.Module, comm=None):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -50,22 +55,35 @@ class FusedGrads:
             raise ValueError(f"all trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
         total = sum(p.numel() for p in params)
         dtype, device = params[0].dtype, params[0].device
-        # the communicator may hand out memory it sums faster (shared memory): collective
-        self.flat = comm.grad_buffer(total + TAIL, dtype, device) if comm is not None else \
-            torch.zeros(total + TAIL, dtype=dtype, device=device)
-        self.n = total
-        self.grads = self.flat[:total]
-        self.tail = self.flat[total:]
+        self.params, self.alone = params, comm is not None and comm.world_size == 1
+        if self.alone:
+            self.flat = torch.zeros(TAIL, dtype=dtype, device=device)  # the tail only
+            self.n, self.grads = 0, None
+        else:  # the communicator may hand out memory it sums faster (shared memory): collective
+            self.flat = comm.grad_buffer(total + TAIL, dtype, device) if comm is not None else \
+                torch.zeros(total + TAIL, dtype=dtype, device=device)
+            self.n = total
+            self.grads = self.flat[:total]
+            offset = 0
+            for p in params:
+                p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
+                offset += p.numel()
+        self.tail = self.flat[self.n:]
         self._tail_np = self.tail.numpy() if self.tail.device.type == "cpu" else None
-        offset = 0
-        for p in params:
-            p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
-            offset += p.numel()
-        self.nbytes = self.flat.numel() * self.flat.element_size()
+        self.nbytes = (total + TAIL) * self.flat.element_size()
 
     def zero(self) -> None:
         """Clear gradients and stats; replaces optimizer.zero_grad(), which would drop the views."""
-        self.flat.zero_()
+        if self.alone:
+            for p in self.params:
+                p.grad = None
+        else:
+            self.flat.zero_()
+
+    def loss_scale(self, count: int) -> float:
+        """What to multiply this step's summed loss by before backward: 1 / count in a world
+        of one (its count is the global one), else 1 (sync divides by the summed count)."""
+        return 1.0 / count if self.alone and count else 1.0
 
     def sync(self, comm, count: int, loss_sum: torch.Tensor | float, correct: torch.Tensor | int,
              more: bool, times=(0.0,) * len(TIMES)) -> StepStats:
@@ -89,7 +107,12 @@ class FusedGrads:
                 tail[5] = bad * float(1 << comm.rank) if comm.rank < MASK_RANKS else 0.0
             else:
                 tail[4:6] = 0.0
-        comm.allreduce_mean(self.flat, self.n)  # dist: the one collective of a training step
+        if self.alone:  # a parameter backward did not reach gets zeros, as the views would hold
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        else:
+            comm.allreduce_mean(self.flat, self.n)  # dist: the one collective of a training step
         total, loss, right, more_any, bad_workers, mask, *summed_times = tail.tolist()
         if bad_workers:
             ranks = tuple(r for r in range(MASK_RANKS) if int(mask) >> r & 1)
