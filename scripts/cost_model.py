@@ -11,17 +11,18 @@ S gradient bytes over p workers:
 (reduce-scatter then allgather, each p - 1 hops; B the per-link bandwidth, alpha the
 per-hop latency). Without overlap, step time = c + T_allreduce, and weak-scaling
 efficiency (local batch fixed at 64) = c / (c + T_allreduce). The 2-rank check uses the
-measured bare Allreduce time through shared memory instead of the network model.
+measured exchange time of dist-train's 2 ranks (shared memory, one host) instead of the
+network model.
 """
 
 import argparse
 
-# per-worker compute for a local batch of 64 on one core (no-sync row), gradient bytes, bare Allreduce and
-# dist-train's measured 2-rank samples/s: docs/bench.md (scripts/bench.py, median of 3, this machine)
+# per-worker compute for a local batch of 64 on one core (no-sync row), gradient bytes, dist-train's measured
+# exchange time per step and 2-rank samples/s: docs/bench.md (scripts/bench.py, median of 3, this machine)
 WORKLOADS = {
-    "mlp": {"c_ms": 64 / (34549 / 2) * 1000, "bytes": 2_678_824, "bare2_ms": 0.27, "mpi2_sps": 21951},
-    "lenet": {"c_ms": 64 / (12082 / 2) * 1000, "bytes": 246_824, "bare2_ms": 0.08, "mpi2_sps": 12407},
-    "wide": {"c_ms": 64 / (770 / 2) * 1000, "bytes": 80_150_568, "bare2_ms": 46.60, "mpi2_sps": 490},
+    "mlp": {"c_ms": 64 / (31736 / 2) * 1000, "bytes": 2_678_824, "exchange2_ms": 0.39, "mpi2_sps": 24805},
+    "lenet": {"c_ms": 64 / (10676 / 2) * 1000, "bytes": 246_824, "exchange2_ms": 0.26, "mpi2_sps": 13110},
+    "wide": {"c_ms": 64 / (889 / 2) * 1000, "bytes": 80_150_568, "exchange2_ms": 7.19, "mpi2_sps": 816},
 }
 
 
@@ -40,7 +41,7 @@ def main():
     print("|---" * 7 + "|")
     for w, m in WORKLOADS.items():
         c, S = m["c_ms"], m["bytes"]
-        pred2 = 2 * 64 / (c + m["bare2_ms"]) * 1000
+        pred2 = 2 * 64 / (c + m["exchange2_ms"]) * 1000
         cells = []
         for p in (8, 64, 512):
             t = allreduce_ms(p, S, a.bandwidth_gbs, a.latency_us)
