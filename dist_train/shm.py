@@ -21,6 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -238,6 +239,10 @@ def open_shared_grads(path: Path, local_rank: int, size: int, numel: int, dtype:
     usable = all_ok(ok) and created
     if grads is not None and local_rank == 0:
         os.unlink(path)  # mapped by every local worker (or given up): nothing left behind after a crash
+    if not usable and names and names[0] == "rank 0":  # said once, by rank 0
+        mb = size * numel * torch.empty((), dtype=dtype).element_size() / 1e6
+        print(f"[dist-train] comm.shm: a host could not map its {mb:,.0f} MB gradient segment in {SHM_DIR} "
+              f"(full?); every worker sums without it", file=sys.stderr, flush=True)
     return (True, grads) if usable else (False, None)
 
 
