@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, UserError):  # found by one rank mid-run: the others are waiting on it
             print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
             _abort(world, 2)
+        if isinstance(e, shm.PeerFailure):  # another rank died or stalled: its failure, not this rank's
+            print(f"error: {e}; aborting all {world.Get_size()} ranks", file=sys.stderr, flush=True)
+            _abort(world, 1)
         detail = "".join(traceback.format_exception(e)).rstrip().replace("\n", f"\n[rank {rank}] ")
         print(f"[rank {rank}] {detail}\n[rank {rank}] error: rank {rank} failed with "
               f"{type(e).__name__}: {e}; aborting all {world.Get_size()} ranks", file=sys.stderr, flush=True)
