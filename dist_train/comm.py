@@ -38,7 +38,7 @@ class Communicator:
     def waited_s(self) -> float:
         """Seconds spent so far waiting for slower workers to reach the gradient exchange,
         where the transport can tell it apart from the exchange itself (else 0)."""
-        return self.shared.waited if getattr(self, "shared", None) is not None else 0.0
+        return 0.0
 
     def grad_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed flat buffer for the gradients, whose allreduce may take a faster path
@@ -89,7 +89,50 @@ class TorchDistComm(Communicator):
         os._exit(code)  # peers see 'connection closed' and fail at their next collective
 
 
-class HostLocalComm(TorchDistComm):
+class SharedGradsMixin:
+    """The gradient buffer of the workers of one host in shared memory (shm.SharedGrads),
+    for MPIComm and HostLocalComm: summed there, part i across hosts by local worker i of
+    every host (`_across_hosts`, None where this worker carries no part). The class using
+    it sets local_rank, local_size, hosts and, before each exchange, may count it (`_enter`)."""
+
+    shared = grads = None
+    hosts = 1
+
+    def _enter(self) -> None:
+        pass
+
+    def _open_grads(self, path, numel, dtype, device, timeout_s, names, parts, all_ok) -> torch.Tensor:
+        """grad_buffer's shared-memory case (collective over every worker)."""
+        from . import shm
+
+        usable, self.shared = shm.open_shared_grads(path, self.local_rank, self.local_size, numel, dtype,
+                                                    timeout_s, names, parts, all_ok)
+        if not usable:
+            return Communicator.grad_buffer(self, numel, dtype, device)
+        # the only worker on its host keeps a plain buffer: its part is the whole of it
+        self.grads = self.shared.mine if self.shared is not None else Communicator.grad_buffer(self, numel, dtype,
+                                                                                                  device)
+        self.grads.zero_()
+        return self.grads
+
+    def waited_s(self) -> float:
+        return self.shared.waited if self.shared is not None else 0.0
+
+    def allreduce_mean(self, buf, count_at):
+        if self.grads is None or not same_memory(buf, self.grads):
+            return super().allreduce_mean(buf, count_at)  # any other tensor: the plain transport
+        self._enter()
+        between = self._across_hosts
+        if self.shared is not None:  # dist: sum within the host; part i across hosts
+            self.shared.allreduce(between, count_at if self.hosts == 1 else None)
+            if self.hosts == 1:
+                return  # one host: divided in the same pass
+        elif between is not None:
+            between(buf)  # dist: the only worker on its host: the whole buffer is its part
+        divide_by_count(buf, count_at)  # each its own slot: the global count arrived with the sum
+
+
+class HostLocalComm(SharedGradsMixin, TorchDistComm):
     """torch.distributed, except that allreduce sums through shared memory among the
     workers of one host, and crosses hosts with gloo among one leader per host only.
     The gradient buffer lives in shared memory itself (shm.SharedGrads); its parts cross
@@ -112,6 +155,7 @@ class HostLocalComm(TorchDistComm):
         self.is_leader = self.rank == mine[0]
         self.local_rank, self.local_size = mine.index(self.rank), len(mine)
         self.parts = min(len(g) for g in groups.values())  # gradient parts that cross hosts in parallel
+        self.hosts = len(groups)
         self.cross = None  # this worker's group across hosts: local worker i of every host
         if len(groups) > 1:
             for i in range(self.parts):
@@ -119,7 +163,7 @@ class HostLocalComm(TorchDistComm):
                 if i == self.local_rank:
                     self.cross = group
         self._token, self._timeout_s, self._names = token, timeout_s, [f"rank {r}" for r in mine]
-        self._leader, self.shared, self.grads = mine[0], None, None
+        self._leader = mine[0]
         path = shm.SHM_DIR / f"dist-train-{token}-{mine[0]}"
         names = self._names
         if self.is_leader:
@@ -137,35 +181,20 @@ class HostLocalComm(TorchDistComm):
 
         if device.type != "cpu":
             return super().grad_buffer(numel, dtype, device)
-        usable, self.shared = shm.open_shared_grads(
-            shm.SHM_DIR / f"dist-train-{self._token}-{self._leader}-grads", self.local_rank, self.local_size,
-            numel, dtype, self._timeout_s, self._names, self.parts, self._all_ok)
-        if not usable:
-            return super().grad_buffer(numel, dtype, device)
-        self.grads = self.shared.mine if self.shared is not None else super().grad_buffer(numel, dtype, device)
-        self.grads.zero_()
-        return self.grads
+        return self._open_grads(shm.SHM_DIR / f"dist-train-{self._token}-{self._leader}-grads", numel, dtype, device,
+                                self._timeout_s, self._names, self.parts, self._all_ok)
 
     def _all_ok(self, ok: bool) -> bool:
         flag = torch.tensor([0.0 if ok else 1.0])
         self._dist.all_reduce(flag)
         return flag.item() == 0.0
 
-    def allreduce_mean(self, buf, count_at):
-        if self.shared is not None and self.leaders is None and same_memory(buf, self.grads):
-            self.shared.allreduce(mean_at=count_at)  # dist: one host: the sum and the division in one pass
-        else:
-            super().allreduce_mean(buf, count_at)
+    @property
+    def _across_hosts(self):
+        cross = self.cross
+        return None if cross is None else (lambda part: self._dist.all_reduce(part, group=cross))
 
     def allreduce(self, buf):
-        if self.grads is not None and same_memory(buf, self.grads):
-            cross = self.cross
-            between = None if cross is None else (lambda part: self._dist.all_reduce(part, group=cross))
-            if self.shared is not None:
-                self.shared.allreduce(between)  # dist: sum within the host; part i across hosts
-            elif between is not None:
-                between(buf)  # the only worker on its host: the whole buffer is its part
-            return
         host = buf if buf.device.type == "cpu" else buf.cpu()
         self.local.allreduce(host)  # dist: sum within the host
         if self.leaders is not None:

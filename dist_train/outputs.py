@@ -49,6 +49,7 @@ class RunWriter:
         self.stream = stream if active else None  # None: print nothing
         self.tensorboard = tensorboard and self.active
         self._board = None
+        self._bar_open, self._drawn = False, 0.0  # the progress bar's line is unfinished; when it was drawn
         if self.active:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -68,7 +69,7 @@ class RunWriter:
 
     def log(self, message: str) -> None:
         if self.stream is not None:
-            if getattr(self, "_bar_open", False):
+            if self._bar_open:
                 print(file=self.stream)  # end the progress bar's line first
                 self._bar_open = False
             print(message, file=self.stream, flush=True)
@@ -76,7 +77,7 @@ class RunWriter:
     def progress(self, epoch: int, done: int, total: int, loss: float, rate: float, elapsed: float) -> None:
         """Redraw the progress bar (at most 5 times a second), terminal only."""
         now = time.monotonic()
-        if not self.tty or (now - getattr(self, "_drawn", 0.0) < 0.2 and done < total):
+        if not self.tty or (now - self._drawn < 0.2 and done < total):
             return
         self._drawn = now
         frac = min(done / total, 1.0) if total else 1.0

@@ -27,12 +27,12 @@ import numpy as np
 from mpi4py import MPI
 
 from dist_train import cli, runtime, shm
-from dist_train.comm import Communicator, same_memory
+from dist_train.comm import Communicator, SharedGradsMixin
 from dist_train.engine import WorkerData, fit
 from dist_train.errors import TrainingError, UserError
 
 
-class MPIComm(Communicator):
+class MPIComm(SharedGradsMixin, Communicator):
     """Buffer-based collectives: contiguous CPU tensors go to MPI without a copy.
 
     With `timeout_s`, a watchdog catches a rank that stops making progress without dying
@@ -56,7 +56,7 @@ class MPIComm(Communicator):
         self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
         self.timeout_s = timeout_s
         self.use_shm = use_shm and self.world_size > 1 and shm.supported()
-        self.shared = self.grads = self.cross = None
+        self.cross = None  # local rank i of every host, for part i of the shared gradients
         self.step = 0  # set by the training loop: the step a collective belongs to
         self._ops = 0
         self._beat = np.zeros(2, dtype=np.int64)
@@ -82,6 +82,7 @@ class MPIComm(Communicator):
             return super().grad_buffer(numel, dtype, device)
         comm = self.comm
         parts = comm.allreduce(self.local_size, op=MPI.MIN)  # gradient parts that cross hosts in parallel
+        self.hosts = comm.allreduce(1 if self.local_rank == 0 else 0)
         cross = comm.Split(self.local_rank if self.local_rank < parts else MPI.UNDEFINED, key=self.rank)
         if cross != MPI.COMM_NULL and cross.Get_size() > 1:
             self.cross = cross
@@ -89,34 +90,17 @@ class MPIComm(Communicator):
         local_ranks = self.local.allgather(self.rank)
         # the watchdog names a stalled rank with its step first; this is the backstop
         timeout = None if self.timeout_s is None else self.timeout_s + 10
-        usable, self.shared = shm.open_shared_grads(
-            shm.SHM_DIR / f"dist-train-{token}-{local_ranks[0]}-grads", self.local_rank, self.local_size, numel,
-            dtype, timeout, [f"rank {r}" for r in local_ranks], parts, lambda ok: comm.allreduce(ok, op=MPI.LAND))
-        if not usable:
-            return super().grad_buffer(numel, dtype, device)
-        self.grads = self.shared.mine if self.shared is not None else super().grad_buffer(numel, dtype, device)
-        self.grads.zero_()
-        return self.grads
+        return self._open_grads(shm.SHM_DIR / f"dist-train-{token}-{local_ranks[0]}-grads", numel, dtype, device,
+                                timeout, [f"rank {r}" for r in local_ranks], parts,
+                                lambda ok: comm.allreduce(ok, op=MPI.LAND))
 
-    def _across_hosts(self, part):
-        self.cross.Allreduce(MPI.IN_PLACE, part)
-
-    def allreduce_mean(self, buf, count_at):
-        if self.shared is not None and self.local_size == self.world_size and same_memory(buf, self.grads):
-            self._enter()
-            self.shared.allreduce(mean_at=count_at)  # dist: one host: the sum and the division in one pass
-        else:
-            super().allreduce_mean(buf, count_at)
+    @property
+    def _across_hosts(self):
+        cross = self.cross
+        return None if cross is None else (lambda part: cross.Allreduce(MPI.IN_PLACE, part))
 
     def allreduce(self, buf):
         self._enter()
-        if self.grads is not None and same_memory(buf, self.grads):
-            between = None if self.cross is None else self._across_hosts
-            if self.shared is not None:
-                self.shared.allreduce(between)  # dist: sum within the host; part i across hosts
-            elif between is not None:
-                between(buf)  # the only rank on its host: the whole buffer is its part
-            return
         if buf.device.type == "cpu":
             self.comm.Allreduce(MPI.IN_PLACE, buf)
         else:  # MPI reduces host memory here: stage through the CPU
