@@ -31,6 +31,15 @@ def run(rank, world, port, hosts, token, mode, queue):
             grads[5000] = 2.0 * (rank + 1)  # this worker's sample count
             comm.allreduce_mean(grads, 5000)
             out[f"grads {step}"] = grads[:3].tolist() + [grads[:5000].sum().item(), grads[5000].item()]
+        # fractions, whose sum depends on its order: every worker's part is summed in slot order
+        values = [torch.randn(5000, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+        grads.zero_()
+        grads[:5000], grads[5000] = values[rank], 1.0
+        comm.allreduce_mean(grads, 5000)
+        expected = values[0].clone()
+        for v in values[1:]:
+            expected += v
+        out["fractions in slot order"] = torch.equal(grads[:5000], expected / world)
         if mode == "die" and rank == 2:
             os._exit(3)
         if mode == "stall" and rank == 1:
