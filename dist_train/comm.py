@@ -22,9 +22,11 @@ class Communicator:
         """Sum `buf` over all workers, in place."""
         raise NotImplementedError
 
-    def allreduce_mean(self, buf: torch.Tensor, count_at: int) -> None:
+    def allreduce_mean(self, buf: torch.Tensor, count_at: int, idle=None) -> None:
         """Sum `buf` over all workers, then divide buf[:count_at] by the summed buf[count_at]
-        (when it is > 0): the gradients by the global sample count behind them."""
+        (when it is > 0): the gradients by the global sample count behind them. `idle()`,
+        if given, is work this worker may do once while it waits for slower workers (the
+        next batch); a transport that cannot tell waiting apart never calls it."""
         self.allreduce(buf)
         divide_by_count(buf, count_at)
 
@@ -118,13 +120,13 @@ class SharedGradsMixin:
     def waited_s(self) -> float:
         return self.shared.waited if self.shared is not None else 0.0
 
-    def allreduce_mean(self, buf, count_at):
+    def allreduce_mean(self, buf, count_at, idle=None):
         if self.grads is None or not same_memory(buf, self.grads):
             return super().allreduce_mean(buf, count_at)  # any other tensor: the plain transport
         self._enter()
         between = self._across_hosts
         if self.shared is not None:  # dist: sum within the host; part i across hosts
-            self.shared.allreduce(between, count_at if self.hosts == 1 else None)
+            self.shared.allreduce(between, count_at if self.hosts == 1 else None, idle)
             if self.hosts == 1:
                 return  # one host: divided in the same pass
         elif between is not None:

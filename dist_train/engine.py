@@ -55,6 +55,30 @@ class WorkerData:
         return cls(ds.x, ds.y, len(ds), outputs)
 
 
+class _Ahead:
+    """The next step's first batch, gathered while this worker waits for slower peers at
+    the exchange (`fetch` is the idle work a shared-memory exchange runs then), so the
+    early worker's next step does not wait for its data. Its seconds count as waiting for
+    peers (spent inside that wait), not as the step's data time (blocked on a batch)."""
+
+    def __init__(self, data: WorkerData, device: torch.device):
+        self.data, self.device, self.rows, self.batch = data, device, None, None
+
+    def arm(self, rows: np.ndarray):
+        self.rows, self.batch = rows, None
+        return self.fetch
+
+    def fetch(self) -> None:
+        self.batch = self.data.batch(self.rows, self.device)
+
+    def take(self, rows: np.ndarray):
+        """The batch of `rows` if it was fetched ahead, else None."""
+        if self.batch is None or self.rows is not rows:
+            return None
+        batch, self.batch = self.batch, None
+        return batch
+
+
 @dataclass
 class Result:
     """What fit returns on every worker; rank 0's is the run's."""
@@ -144,6 +168,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         total_steps = min(t.epochs * epoch_steps, t.max_steps or t.epochs * epoch_steps)
     skipped = 0  # steps skipped for a non-finite loss
     model.train()
+    ahead = _Ahead(data, device)
     while pos.epoch < t.epochs and stopped_by == "epochs":
         batches = sharding.epoch_batches(
             n=data.n, seed=cfg.seed, epoch=pos.epoch, rank=comm.rank, world=comm.world_size,
@@ -168,7 +193,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             # dist: a worker whose shard is used up still joins the step, with zeros
             for rows in micro:  # micro-batches: gradients add up in place
                 ta = time.perf_counter()
-                xb, yb = data.batch(rows, device)
+                xb, yb = ahead.take(rows) or data.batch(rows, device)
                 t_data += time.perf_counter() - ta
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
                     out = model(xb)
@@ -181,9 +206,10 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             t1 = t0 + t_data
             t2 = time.perf_counter()
             comm.step = pos.step + 1  # names the step in a stall report
-            taken = min(t.accumulate, max(len(batches) - pos.batch, 0))
             waited = comm.waited_s()
-            step_stats = grads.sync(comm, count, loss_sum, right, pos.batch + taken < len(batches), last_times)
+            following = pos.batch + t.accumulate
+            idle = ahead.arm(batches[following]) if following < len(batches) else None
+            step_stats = grads.sync(comm, count, loss_sum, right, following < len(batches), last_times, idle)
             t3 = time.perf_counter()
             waited = comm.waited_s() - waited
             if step_stats.nonfinite:  # every worker sees the same flags: all act alike

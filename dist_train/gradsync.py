@@ -86,9 +86,10 @@ class FusedGrads:
         return 1.0 / count if self.alone and count else 1.0
 
     def sync(self, comm, count: int, loss_sum: torch.Tensor | float, correct: torch.Tensor | int,
-             more: bool, times=(0.0,) * len(TIMES)) -> StepStats:
+             more: bool, times=(0.0,) * len(TIMES), idle=None) -> StepStats:
         """Sum gradients and stats over all workers, then average the gradients.
-        `times`: this worker's seconds of its previous step (TIMES), summed along."""
+        `times`: this worker's seconds of its previous step (TIMES), summed along.
+        `idle()`: work to do while waiting for slower workers, if the transport can."""
         tail = self.tail
         if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
             loss_sum, correct = float(loss_sum), int(correct)
@@ -112,7 +113,7 @@ class FusedGrads:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         else:
-            comm.allreduce_mean(self.flat, self.n)  # dist: the one collective of a training step
+            comm.allreduce_mean(self.flat, self.n, idle)  # dist: the one collective of a training step
         total, loss, right, more_any, bad_workers, mask, *summed_times = tail.tolist()
         if bad_workers:
             ranks = tuple(r for r in range(MASK_RANKS) if int(mask) >> r & 1)

@@ -75,12 +75,16 @@ class _Arrivals:
         self.pids[local_rank] = os.getpid()
         self.arrivals = int(self.counters[local_rank])
 
-    def wait(self) -> None:
+    def wait(self, idle=None) -> None:
+        """Arrive, and return once every worker has; `idle()` runs once first if some have
+        not (work that would otherwise follow)."""
         self.arrivals += 1
         self.counters[self.rank] = self.arrivals
         counters, target = self.counters, self.arrivals
         if counters.min() >= target:
             return
+        if idle is not None:
+            idle()
         spins, start, next_check = 0, time.monotonic(), 0.0
         while counters.min() < target:
             spins += 1
@@ -189,14 +193,15 @@ class SharedGrads:
         self.lo = local_rank * numel // parts if local_rank < parts else 0
         self.hi = (local_rank + 1) * numel // parts if local_rank < parts else 0
 
-    def allreduce(self, between=None, mean_at: int | None = None) -> None:
+    def allreduce(self, between=None, mean_at: int | None = None, idle=None) -> None:
         """Sum every worker's slot into every slot; `between(part)` sums this worker's part
-        (a view of slot 0) across hosts, in place. With `mean_at` (one host only),
-        elements below it are divided by the summed element at it, in the same pass."""
+        (a view of its slot) across hosts, in place. With `mean_at` (one host only),
+        elements below it are divided by the summed element at it, in the same pass.
+        `idle()` runs while this worker waits for the others to arrive, if it does."""
         if mean_at is not None:  # in the header: the slots' copies are overwritten by their part's owner
             self.counts[self.rank] = float(self.mine[mean_at])
         start = time.perf_counter()
-        self.arrivals.wait()  # every slot holds its worker's gradients
+        self.arrivals.wait(idle)  # every slot holds its worker's gradients
         self.waited += time.perf_counter() - start
         others, mine = self.others, self.mine
         total = 0.0

@@ -35,7 +35,11 @@ def run(rank, world, port, hosts, token, mode, queue):
         values = [torch.randn(5000, generator=torch.Generator().manual_seed(r)) for r in range(world)]
         grads.zero_()
         grads[:5000], grads[5000] = values[rank], 1.0
-        comm.allreduce_mean(grads, 5000)
+        idled = []
+        if rank == world - 1:  # the last worker arrives late: the others on its host do their idle work
+            time.sleep(0.3)
+        comm.allreduce_mean(grads, 5000, idle=lambda: idled.append(rank))
+        out["idle work done"] = bool(idled)
         expected = values[0].clone()
         for v in values[1:]:
             expected += v

@@ -54,6 +54,11 @@ def test_allreduce_sums_exactly_in_both_dtypes(hosts):
             first, second, third, total, count = out[f"grads {step}"]
             assert [first, second, third, count] == [0.0, (step + 1) / 2, (step + 1), 2 * s]
             assert total == pytest.approx((step + 1) * n * (n - 1) / 4)
+        late = len(hosts) - 1
+        if rank == late or hosts.count(hosts[rank]) == 1:
+            assert not out["idle work done"], "only a worker that waits for a peer on its host idles"
+        elif hosts[rank] == hosts[late]:
+            assert out["idle work done"], "a worker waiting for a late peer does its idle work meanwhile"
         if len(set(hosts)) == 1:  # across hosts gloo picks the order
             assert out["fractions in slot order"], "((g0 + g1) + g2) / count, bit for bit, on every worker"
     assert not list(shm.SHM_DIR.glob("dist-train-*")), "segments are unlinked once mapped"
