@@ -6,6 +6,8 @@
 Workloads: conf/bench_mlp.yaml (784-512-512-10), bench_lenet.yaml, bench_wide.yaml
 (784-4096-4096-10, 20 M parameters); global batch 128, synthetic MNIST-shaped data.
 Reported: steady-state training samples/s (first 5 steps left out), median over repetitions.
+Repetitions are interleaved (every row once, then every row again), so a drift in this
+machine's speed over minutes shifts all rows alike instead of the ratios between them.
 
 Rows (2 processes get 1 torch thread each, the single process all cores):
   plain-1         the plain single-process PyTorch loop (peers/plain_loop.py)
@@ -40,7 +42,7 @@ from dist_train.cli import spark_env  # PATH and PYSPARK_* pointing at this envi
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORKLOADS = {"mlp": "conf/bench_mlp.yaml", "lenet": "conf/bench_lenet.yaml", "wide": "conf/bench_wide.yaml"}
-STEPS = {"mlp": 150, "lenet": 100, "wide": 30}
+STEPS = {"mlp": 600, "lenet": 300, "wide": 30}  # a few seconds of steady state each: ~4, ~10, ~150 ms a step
 HOROVOD_QUOTED = {"mlp": 11800, "lenet": 9800, "wide": 470}  # issue 5's table; does not build here
 MPIRUN = [BIN / "mpirun", "-n", 2, "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
 
@@ -140,14 +142,22 @@ def bare_allreduce_ms(config: str) -> float:
         "allreduce_ms"]
 
 
-def median_of(fn, reps: int) -> dict:
-    runs, hung = [], 0
+def interleaved(fns: dict, reps: int) -> dict:
+    """Every row once per repetition, in turn; name -> (results, hung count)."""
+    runs = {name: ([], 0) for name in fns}
     for _ in range(reps):
-        try:
-            runs.append(fn())
-        except Hung as e:
-            print(f"  HUNG: {e}", file=sys.stderr, flush=True)
-            hung += 1
+        for name, fn in fns.items():
+            done, hung = runs[name]
+            try:
+                done.append(fn())
+                print(f"    {name}: {done[-1]['sps']:,.0f} samples/s", file=sys.stderr, flush=True)
+            except Hung as e:
+                print(f"  HUNG: {e}", file=sys.stderr, flush=True)
+                runs[name] = (done, hung + 1)
+    return runs
+
+
+def median_of(runs: list, hung: int) -> dict:
     if not runs:
         return {"sps": float("nan"), "wall": float("nan"), "comm_ms": float("nan"), "wait_ms": float("nan"),
                 "data_pct": float("nan"), "rss_mb": float("nan"), "hung": hung}
@@ -221,10 +231,10 @@ def main() -> None:
     rows = []
     for w in args.workloads.split(","):
         config, steps = WORKLOADS[w], STEPS[w] // (5 if args.quick else 1)
-        res = {}
-        for name, fn in runners(args.quick, w).items():
-            res[name] = median_of(lambda: fn(config, steps), reps)
-            print(f"  {w:6} {name:18} {res[name]['sps']:10,.0f} samples/s  {res[name]['wall']:6.1f} s wall",
+        fns = {name: (lambda fn=fn: fn(config, steps)) for name, fn in runners(args.quick, w).items()}
+        res = {name: median_of(*runs) for name, runs in interleaved(fns, reps).items()}
+        for name, r in res.items():
+            print(f"  {w:6} {name:18} {r['sps']:10,.0f} samples/s  {r['wall']:6.1f} s wall",
                   file=sys.stderr, flush=True)
         rows.append((w, res, bare_allreduce_ms(config)))
     text = table(rows, reps)
