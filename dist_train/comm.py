@@ -107,6 +107,8 @@ class SharedGradsMixin:
         """grad_buffer's shared-memory case (collective over every worker)."""
         from . import shm
 
+        if dtype not in shm.GRAD_DTYPES:  # the same dtype on every worker: all take this branch
+            return Communicator.grad_buffer(self, numel, dtype, device)
         usable, self.shared = shm.open_shared_grads(path, self.local_rank, self.local_size, numel, dtype,
                                                     timeout_s, names, parts, all_ok)
         if not usable:

@@ -114,7 +114,8 @@ class FusedGrads:
                     p.grad = torch.zeros_like(p)
         else:
             comm.allreduce_mean(self.flat, self.n, idle)  # dist: the one collective of a training step
-        total, loss, right, more_any, bad_workers, mask, *summed_times = tail.tolist()
+        summed = self._tail_np if self._tail_np is not None else tail
+        total, loss, right, more_any, bad_workers, mask, *summed_times = summed.tolist()
         if bad_workers:
             ranks = tuple(r for r in range(MASK_RANKS) if int(mask) >> r & 1)
             return StepStats(int(round(total)), float("nan"), 0, more_any > 0.5, int(round(bad_workers)), ranks,

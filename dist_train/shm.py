@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 HEADER_BYTES = 8192  # counters, pids (and, for SharedGrads, sample counts) of up to 256 workers
+GRAD_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}  # what SharedGrads sums (through numpy)
 SHM_DIR = Path("/dev/shm")
 
 
@@ -168,10 +169,12 @@ class SharedGrads:
 
     Per worker that is reading and writing about 2 S / parts bytes (S the buffer's size),
     where MPI's or gloo's allreduce first copies the buffer into its own transport and
-    back. The sum runs in pieces that stay in cache while they are copied. The sum goes
-    into the summing worker's own slot, not a common one: a cache line that another core
-    wrote and then read back costs its owner ~25 ns to write again on this machine's EPYC
-    (the next step's zeroing of 1.3 MB took 0.6 ms instead of 0.1). Workers with
+    back. The sum runs in pieces that stay in cache while they are copied, through numpy
+    views of the slots (a third of torch's per-call cost on the small pieces of a small
+    model; both round every addition and division the same, IEEE-exactly). The sum goes
+    into the summing worker's own slot, not a common one: on this machine's EPYC a cache
+    line that another core wrote and then read back cost its owner ~25 ns to write again
+    (in some runs the next step's zeroing of 1.3 MB took 0.6 ms instead of 0.1). Workers with
     local rank >= `parts` own no part (hosts with fewer workers set `parts`). `waited`
     counts the seconds spent in the first barrier: waiting for slower workers, not summing."""
 
@@ -183,9 +186,9 @@ class SharedGrads:
         stride = -(-numel * item // 4096) * 4096 // item  # page-aligned slots
         self.map = _map_segment(path, HEADER_BYTES + size * stride * item, create)
         self.arrivals = _Arrivals(self.map, local_rank, size, timeout_s, names)
-        self.slots = torch.frombuffer(self.map, dtype=dtype, offset=HEADER_BYTES,
-                                      count=size * stride).view(size, stride)[:, :numel]
-        self.mine = self.slots[local_rank]
+        self.slots = np.frombuffer(self.map, dtype=GRAD_DTYPES[dtype], offset=HEADER_BYTES,
+                                   count=size * stride).reshape(size, stride)[:, :numel]
+        self.mine = torch.from_numpy(self.slots[local_rank])  # the worker's gradient buffer
         self.others = [slot for r, slot in enumerate(self.slots) if r != local_rank]
         self.rank, self.waited, self._scratch = local_rank, 0.0, None
         self.counts = np.frombuffer(self.map, dtype=np.float64, count=256, offset=4096)[:size]
@@ -198,46 +201,48 @@ class SharedGrads:
         (a view of its slot) across hosts, in place. With `mean_at` (one host only),
         elements below it are divided by the summed element at it, in the same pass.
         `idle()` runs while this worker waits for the others to arrive, if it does."""
+        slots = self.slots
         if mean_at is not None:  # in the header: the slots' copies are overwritten by their part's owner
-            self.counts[self.rank] = float(self.mine[mean_at])
+            self.counts[self.rank] = slots[self.rank, mean_at]
         start = time.perf_counter()
         self.arrivals.wait(idle)  # every slot holds its worker's gradients
         self.waited += time.perf_counter() - start
-        others, mine = self.others, self.mine
+        others = self.others
         total = 0.0
         if mean_at is not None:  # whole numbers: summed exactly, the same float as the summed count
-            total = float(sum(self.counts))
+            total = slots.dtype.type(self.counts.sum())
         for lo in range(self.lo, self.hi, self.PIECE):  # my part, summed into my slot in place, in slot order
             hi = min(lo + self.PIECE, self.hi)
             acc = self._sum_piece(lo, hi)
             if total > 0 and lo < mean_at:
-                acc[:mean_at - lo].div_(total)
+                grads = acc[:mean_at - lo]
+                np.divide(grads, total, out=grads)
             if between is None:
                 for s in others:
-                    s[lo:hi].copy_(acc)  # while the piece is still in cache
+                    np.copyto(s[lo:hi], acc)  # while the piece is still in cache
         if between is not None and self.hi > self.lo:
-            between(mine[self.lo:self.hi])
+            between(self.mine[self.lo:self.hi])
+            mine = slots[self.rank, self.lo:self.hi]
             for s in others:
-                s[self.lo:self.hi].copy_(mine[self.lo:self.hi])
+                np.copyto(s[self.lo:self.hi], mine)
         self.arrivals.wait()  # every part is in every slot; no one reads another's slot until the next call
 
-    def _sum_piece(self, lo: int, hi: int) -> torch.Tensor:
-        """Elements [lo, hi) of every slot summed into my slot, as ((s0 + s1) + s2) + ...
-        whichever worker sums (the same floats as any other order of work would give)."""
+    def _sum_piece(self, lo: int, hi: int) -> np.ndarray:
+        """Elements [lo, hi) of every slot summed into my slot as ((s0 + s1) + s2) + ...:
+        the same floats whichever worker owns the part."""
         slots, r = self.slots, self.rank
         if r == 0:
             acc = slots[0, lo:hi]
         else:  # partial sums before my slot go to scratch (r > 1) or straight into my slot (r == 1)
-            if r > 1 and (self._scratch is None or self._scratch.numel() < hi - lo):
-                self._scratch = torch.empty(min(self.PIECE, self.hi - self.lo), dtype=slots.dtype)
-            acc = torch.add(slots[0, lo:hi], slots[1, lo:hi],
-                            out=slots[1, lo:hi] if r == 1 else self._scratch[:hi - lo])
+            if r > 1 and (self._scratch is None or len(self._scratch) < hi - lo):
+                self._scratch = np.empty(min(self.PIECE, self.hi - self.lo), dtype=slots.dtype)
+            acc = np.add(slots[0, lo:hi], slots[1, lo:hi], out=slots[1, lo:hi] if r == 1 else self._scratch[:hi - lo])
             for k in range(2, r):
-                acc.add_(slots[k, lo:hi])
+                np.add(acc, slots[k, lo:hi], out=acc)
             if r > 1:
-                acc = torch.add(acc, slots[r, lo:hi], out=slots[r, lo:hi])
+                acc = np.add(acc, slots[r, lo:hi], out=slots[r, lo:hi])
         for k in range(r + 1, len(slots)):
-            acc.add_(slots[k, lo:hi])
+            np.add(acc, slots[k, lo:hi], out=acc)
         return acc
 
 

@@ -111,6 +111,15 @@ def test_resume_under_mpi_gives_the_same_weights(tmp_path):
         assert torch.equal(v, weights(tmp_path / "resumed")[k]), k
 
 
+def test_shared_memory_sums_give_the_same_weights_as_mpi_allreduce_bit_for_bit(tmp_path):
+    """2 ranks: a + b either way, and the division by the count rounds alike (numpy, torch)."""
+    sets = ["model.hidden=[32]", "train.log_every=0", "train.epochs=2"]
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "shm", *sets, "comm.shm=true"))
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "mpi", *sets, "comm.shm=false"))
+    for k, v in weights(tmp_path / "shm").items():
+        assert torch.equal(v, weights(tmp_path / "mpi")[k]), k
+
+
 @pytest.mark.parametrize("n,hosts", [(3, 1), (4, 2), (3, 2)], ids=["one-host", "two-by-two", "two-and-one"])
 def test_the_shared_memory_gradient_buffer_sums_within_and_across_hosts(n, hosts):
     """MPIComm with its ranks posed as `hosts` hosts: shared memory within each, part i of the
