@@ -130,7 +130,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
     device = resolve_device(cfg.device, local_rank)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg, data.sample_shape, data.outputs).to(device)
-    grads = FusedGrads(model, comm)
+    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision != "bf16")  # autocast: autograd's own path
     optimizer = make_optimizer(cfg, model)
     writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout,
                        tensorboard=cfg.log.tensorboard)

@@ -16,10 +16,13 @@ global count gives the mean over the global batch.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import models
 
 TAIL = 10  # count, loss sum, correct, more, workers with a non-finite loss, bitmask of those ranks (< 24),
 #            and this worker's data / compute / comm / wait seconds of its previous step (summed: all workers')
@@ -44,9 +47,13 @@ class FusedGrads:
     A world of one (`comm.world_size == 1`) has nothing to sum: there the gradients stay
     PyTorch's own tensors (cleared by dropping them, as zero_grad does) and the loss is
     scaled by 1 / the step's sample count before backward, so no pass over the gradients
-    is added to the plain loop's (the wide MLP: ~10% of a step)."""
+    is added to the plain loop's (the wide MLP: ~10% of a step).
 
-    def __init__(self, model: nn.Module, comm=None):
+    Otherwise `models.Linear` layers write their gradients into the buffer from their own
+    backward (`grads_in_place`, off under autocast), so only the rest of the buffer is
+    cleared each step."""
+
+    def __init__(self, model: nn.Module, comm=None, grads_in_place: bool = True):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -56,6 +63,7 @@ class FusedGrads:
         total = sum(p.numel() for p in params)
         dtype, device = params[0].dtype, params[0].device
         self.params, self.alone = params, comm is not None and comm.world_size == 1
+        self.in_place: list[models.Linear] = []
         if self.alone:
             self.flat = torch.zeros(TAIL, dtype=dtype, device=device)  # the tail only
             self.n, self.grads = 0, None
@@ -64,10 +72,15 @@ class FusedGrads:
                 torch.zeros(total + TAIL, dtype=dtype, device=device)
             self.n = total
             self.grads = self.flat[:total]
-            offset = 0
+            offset, where = 0, {}
             for p in params:
                 p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
+                where[p] = (offset, offset + p.numel())
                 offset += p.numel()
+            if grads_in_place:
+                self.in_place = _in_place_layers(model)
+            owned = sorted(where[p] for m in self.in_place for p in _own(m))
+            self._cleared = _gaps(owned, total + TAIL)  # where backward accumulates, and the tail
         self.tail = self.flat[self.n:]
         self._tail_np = self.tail.numpy() if self.tail.device.type == "cpu" else None
         self.nbytes = (total + TAIL) * self.flat.element_size()
@@ -78,7 +91,10 @@ class FusedGrads:
             for p in self.params:
                 p.grad = None
         else:
-            self.flat.zero_()
+            for lo, hi in self._cleared:
+                self.flat[lo:hi].zero_()
+            for layer in self.in_place:
+                layer.grads_written = False
 
     def loss_scale(self, count: int) -> float:
         """What to multiply this step's summed loss by before backward: 1 / count in a world
@@ -90,6 +106,10 @@ class FusedGrads:
         """Sum gradients and stats over all workers, then average the gradients.
         `times`: this worker's seconds of its previous step (TIMES), summed along.
         `idle()`: work to do while waiting for slower workers, if the transport can."""
+        for layer in self.in_place:
+            if not layer.grads_written:  # backward did not reach it: zeros, as a cleared buffer holds
+                for p in _own(layer):
+                    p.grad.zero_()
         tail = self.tail
         if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
             loss_sum, correct = float(loss_sum), int(correct)
@@ -122,6 +142,33 @@ class FusedGrads:
                              tuple(summed_times))
         return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5,
                          times=tuple(summed_times))
+
+
+def _own(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def _in_place_layers(model: nn.Module) -> list:
+    """The model's `models.Linear` layers whose parameters are trained and belong to no
+    other module (a shared parameter also gets gradients from autograd), switched on."""
+    owners = Counter(id(p) for m in model.modules() for p in _own(m))
+    layers = [m for m in model.modules() if isinstance(m, models.Linear)
+              and all(p.requires_grad and owners[id(p)] == 1 for p in _own(m))]
+    for layer in layers:
+        layer.grads_in_place, layer.grads_written = True, False
+    return layers
+
+
+def _gaps(ranges: list[tuple[int, int]], end: int) -> list[tuple[int, int]]:
+    """[0, end) less the sorted, disjoint `ranges`, as merged ranges."""
+    gaps, at = [], 0
+    for lo, hi in ranges:
+        if lo > at:
+            gaps.append((at, lo))
+        at = max(at, hi)
+    if at < end:
+        gaps.append((at, end))
+    return gaps
 
 
 def broadcast_parameters(comm, model: nn.Module, root: int = 0) -> None:

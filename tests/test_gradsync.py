@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from dist_train import losses
+from dist_train import losses, models
 from dist_train.gradsync import FusedGrads, broadcast_parameters
 
 from .helpers import run_threads
@@ -85,3 +85,64 @@ def test_broadcast_makes_parameters_equal_to_rank_0():
 
     for got in run_threads(3, rank):
         assert torch.equal(got, torch.ones(8))
+
+
+class TwoHeads(torch.nn.Module):
+    """LeNet-sized conv body (cleared by zero()) and two in-place heads, one of which a step may skip."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = models.LeNet((1, 8, 8), 6)
+        self.other = models.Linear(6, 2)
+
+    def forward(self, x, both):
+        out = self.body(x)
+        return out + self.other(out).sum(1, keepdim=True) if both else out
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro):
+    """Steps 0 and 1 use both heads, step 2 skips one (its gradients must be zeros),
+    `micro` micro-batches a step; the same buffers and weights as autograd accumulating."""
+    model = TwoHeads()
+
+    def rank(comm):
+        got = {}
+        for in_place in (True, False):
+            m = copy.deepcopy(model)
+            fused = FusedGrads(m, comm, grads_in_place=in_place)
+            opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+            gen = torch.Generator().manual_seed(10 + comm.rank)
+            flats = []
+            for step in range(3):
+                fused.zero()
+                for _ in range(micro):
+                    x, y = torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 6, (5,), generator=gen)
+                    losses.loss_sum("cross_entropy", m(x, both=step < 2), y).backward()
+                fused.sync(comm, 5 * micro, 0.0, 0, True)
+                flats.append(fused.grads.clone())
+                opt.step()
+            got[in_place] = (flats, [p.detach().clone() for p in m.parameters()], len(fused.in_place))
+        return got
+
+    for got in run_threads(2, rank):
+        (flats, weights, layers), (flats_ref, weights_ref, none) = got[True], got[False]
+        assert (layers, none) == (4, 0)  # LeNet's three and the extra head
+        assert all(torch.equal(a, b) for a, b in zip(flats, flats_ref))
+        assert all(torch.equal(a, b) for a, b in zip(weights, weights_ref))
+        assert flats[2][-12:].abs().sum() == 0 and flats[1][-12:].abs().sum() > 0  # the skipped head: zeros
+
+
+def test_a_shared_parameter_keeps_autograd_accumulating():
+    tied = torch.nn.Sequential(models.Linear(4, 4), torch.nn.Tanh(), models.Linear(4, 4))
+    tied[2].weight = tied[0].weight  # also gets a gradient through the other layer
+    fused = FusedGrads(tied)
+    assert fused.in_place == []
+    x = torch.randn(3, 4)
+    tied(x).sum().backward()
+    ref = copy.deepcopy(tied)
+    for p in ref.parameters():
+        p.grad = None
+    ref(x).sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(tied.parameters(), ref.parameters()))
