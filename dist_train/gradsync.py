@@ -44,14 +44,15 @@ class StepStats:
 class FusedGrads:
     """Gradients of `model` as views into one flat buffer, with the stats tail.
 
-    A world of one (`comm.world_size == 1`) has nothing to sum: there the gradients stay
-    PyTorch's own tensors (cleared by dropping them, as zero_grad does) and the loss is
-    scaled by 1 / the step's sample count before backward, so no pass over the gradients
-    is added to the plain loop's (the wide MLP: ~10% of a step).
+    `models.Linear` layers write their gradients into the buffer from their own backward
+    (`grads_in_place`, off under autocast), so only the rest of the buffer is cleared
+    each step.
 
-    Otherwise `models.Linear` layers write their gradients into the buffer from their own
-    backward (`grads_in_place`, off under autocast), so only the rest of the buffer is
-    cleared each step."""
+    A world of one (`comm.world_size == 1`) has nothing to sum: there the buffer holds
+    only the in-place layers' gradients, the others stay PyTorch's own tensors (cleared
+    by dropping them, as zero_grad does), and the loss is scaled by 1 / the step's sample
+    count before backward, so no pass over the gradients is added to the plain loop's
+    (which, for the wide MLP's 64 MB weight, page-faults in a fresh gradient every step)."""
 
     def __init__(self, model: nn.Module, comm=None, grads_in_place: bool = True):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -63,8 +64,16 @@ class FusedGrads:
         total = sum(p.numel() for p in params)
         dtype, device = params[0].dtype, params[0].device
         self.params, self.alone = params, comm is not None and comm.world_size == 1
-        self.in_place: list[models.Linear] = []
+        self.in_place: list[models.Linear] = _in_place_layers(model) if grads_in_place else []
         if self.alone:
+            kept = [p for m in self.in_place for p in _own(m)]
+            held = torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device)
+            offset = 0
+            for p in kept:
+                p.grad = held[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            kept_ids = {id(p) for p in kept}
+            self.stolen = [p for p in params if id(p) not in kept_ids]  # autograd's own tensors
             self.flat = torch.zeros(TAIL, dtype=dtype, device=device)  # the tail only
             self.n, self.grads = 0, None
         else:  # the communicator may hand out memory it sums faster (shared memory): collective
@@ -77,8 +86,6 @@ class FusedGrads:
                 p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
                 where[p] = (offset, offset + p.numel())
                 offset += p.numel()
-            if grads_in_place:
-                self.in_place = _in_place_layers(model)
             owned = sorted(where[p] for m in self.in_place for p in _own(m))
             self._cleared = _gaps(owned, total + TAIL)  # where backward accumulates, and the tail
         self.tail = self.flat[self.n:]
@@ -88,13 +95,13 @@ class FusedGrads:
     def zero(self) -> None:
         """Clear gradients and stats; replaces optimizer.zero_grad(), which would drop the views."""
         if self.alone:
-            for p in self.params:
+            for p in self.stolen:
                 p.grad = None
         else:
             for lo, hi in self._cleared:
                 self.flat[lo:hi].zero_()
-            for layer in self.in_place:
-                layer.grads_written = False
+        for layer in self.in_place:
+            layer.grads_written = False
 
     def loss_scale(self, count: int) -> float:
         """What to multiply this step's summed loss by before backward: 1 / count in a world
@@ -129,7 +136,7 @@ class FusedGrads:
             else:
                 tail[4:6] = 0.0
         if self.alone:  # a parameter backward did not reach gets zeros, as the views would hold
-            for p in self.params:
+            for p in self.stolen:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         else:

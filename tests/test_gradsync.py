@@ -101,10 +101,12 @@ class TwoHeads(torch.nn.Module):
         return out + self.other(out).sum(1, keepdim=True) if both else out
 
 
+@pytest.mark.parametrize("world", [1, 2], ids=["world-of-one", "two-workers"])
 @pytest.mark.parametrize("micro", [1, 3])
-def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro):
+def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro, world):
     """Steps 0 and 1 use both heads, step 2 skips one (its gradients must be zeros),
-    `micro` micro-batches a step; the same buffers and weights as autograd accumulating."""
+    `micro` micro-batches a step; the same gradients and weights as autograd accumulating
+    (a world of one: autograd's own tensors for everything but the in-place layers)."""
     model = TwoHeads()
 
     def rank(comm):
@@ -119,14 +121,15 @@ def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro):
                 fused.zero()
                 for _ in range(micro):
                     x, y = torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 6, (5,), generator=gen)
-                    losses.loss_sum("cross_entropy", m(x, both=step < 2), y).backward()
+                    loss = losses.loss_sum("cross_entropy", m(x, both=step < 2), y)
+                    (loss * fused.loss_scale(5 * micro)).backward()
                 fused.sync(comm, 5 * micro, 0.0, 0, True)
-                flats.append(fused.grads.clone())
+                flats.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
                 opt.step()
             got[in_place] = (flats, [p.detach().clone() for p in m.parameters()], len(fused.in_place))
         return got
 
-    for got in run_threads(2, rank):
+    for got in run_threads(world, rank):
         (flats, weights, layers), (flats_ref, weights_ref, none) = got[True], got[False]
         assert (layers, none) == (4, 0)  # LeNet's three and the extra head
         assert all(torch.equal(a, b) for a, b in zip(flats, flats_ref))
