@@ -28,6 +28,11 @@ TAIL = 10  # count, loss sum, correct, more, workers with a non-finite loss, bit
 #            and this worker's data / compute / comm / wait seconds of its previous step (summed: all workers')
 TIMES = ("data", "compute", "comm", "wait")
 MASK_RANKS = 24  # ranks a float32 bitmask names exactly
+# a models.Linear writes its gradients in place from this weight size on: below it the
+# Python autograd.Function (~30 us a layer) costs more than the passes it saves. In a
+# world of one only where autograd would map a fresh gradient each step: glibc mmaps
+# (and the kernel page-faults in) allocations above its largest threshold, 32 MB.
+IN_PLACE_MIN_BYTES, IN_PLACE_MIN_BYTES_ALONE = 256 << 10, 32 << 20
 
 
 @dataclass
@@ -45,8 +50,8 @@ class FusedGrads:
     """Gradients of `model` as views into one flat buffer, with the stats tail.
 
     `models.Linear` layers write their gradients into the buffer from their own backward
-    (`grads_in_place`, off under autocast), so only the rest of the buffer is cleared
-    each step.
+    (`grads_in_place`, off under autocast; layers of `in_place_min_bytes` or more), so
+    only the rest of the buffer is cleared each step.
 
     A world of one (`comm.world_size == 1`) has nothing to sum: there the buffer holds
     only the in-place layers' gradients, the others stay PyTorch's own tensors (cleared
@@ -54,7 +59,8 @@ class FusedGrads:
     count before backward, so no pass over the gradients is added to the plain loop's
     (which, for the wide MLP's 64 MB weight, page-faults in a fresh gradient every step)."""
 
-    def __init__(self, model: nn.Module, comm=None, grads_in_place: bool = True):
+    def __init__(self, model: nn.Module, comm=None, grads_in_place: bool = True,
+                 in_place_min_bytes: int | None = None):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -64,7 +70,9 @@ class FusedGrads:
         total = sum(p.numel() for p in params)
         dtype, device = params[0].dtype, params[0].device
         self.params, self.alone = params, comm is not None and comm.world_size == 1
-        self.in_place: list[models.Linear] = _in_place_layers(model) if grads_in_place else []
+        if in_place_min_bytes is None:
+            in_place_min_bytes = IN_PLACE_MIN_BYTES_ALONE if self.alone else IN_PLACE_MIN_BYTES
+        self.in_place: list[models.Linear] = _in_place_layers(model, in_place_min_bytes) if grads_in_place else []
         if self.alone:
             kept = [p for m in self.in_place for p in _own(m)]
             held = torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device)
@@ -155,11 +163,13 @@ def _own(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module._parameters.values() if p is not None]
 
 
-def _in_place_layers(model: nn.Module) -> list:
-    """The model's `models.Linear` layers whose parameters are trained and belong to no
-    other module (a shared parameter also gets gradients from autograd), switched on."""
+def _in_place_layers(model: nn.Module, min_bytes: int) -> list:
+    """The model's `models.Linear` layers with weights of `min_bytes` or more whose
+    parameters are trained and belong to no other module (a shared parameter also gets
+    gradients from autograd), switched on."""
     owners = Counter(id(p) for m in model.modules() for p in _own(m))
     layers = [m for m in model.modules() if isinstance(m, models.Linear)
+              and m.weight.numel() * m.weight.element_size() >= min_bytes
               and all(p.requires_grad and owners[id(p)] == 1 for p in _own(m))]
     for layer in layers:
         layer.grads_in_place, layer.grads_written = True, False

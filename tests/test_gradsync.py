@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist_train import losses, models
+from dist_train.comm import LocalComm
 from dist_train.gradsync import FusedGrads, broadcast_parameters
 
 from .helpers import run_threads
@@ -113,7 +114,7 @@ def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro, wo
         got = {}
         for in_place in (True, False):
             m = copy.deepcopy(model)
-            fused = FusedGrads(m, comm, grads_in_place=in_place)
+            fused = FusedGrads(m, comm, grads_in_place=in_place, in_place_min_bytes=0)
             opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
             gen = torch.Generator().manual_seed(10 + comm.rank)
             flats = []
@@ -140,7 +141,7 @@ def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro, wo
 def test_a_shared_parameter_keeps_autograd_accumulating():
     tied = torch.nn.Sequential(models.Linear(4, 4), torch.nn.Tanh(), models.Linear(4, 4))
     tied[2].weight = tied[0].weight  # also gets a gradient through the other layer
-    fused = FusedGrads(tied)
+    fused = FusedGrads(tied, in_place_min_bytes=0)
     assert fused.in_place == []
     x = torch.randn(3, 4)
     tied(x).sum().backward()
@@ -149,3 +150,10 @@ def test_a_shared_parameter_keeps_autograd_accumulating():
         p.grad = None
     ref(x).sum().backward()
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(tied.parameters(), ref.parameters()))
+
+
+def test_only_layers_large_enough_to_pay_write_in_place():
+    mlp = models.mlp(784, [512, 512], 10)  # 1.6 MB, 1 MB and 20 KB weights
+    assert [m.out_features for m in FusedGrads(copy.deepcopy(mlp)).in_place] == [512, 512]
+    assert FusedGrads(copy.deepcopy(mlp), LocalComm()).in_place == []  # a world of one: below 32 MB
+    assert FusedGrads(copy.deepcopy(mlp), grads_in_place=False).in_place == []
