@@ -107,10 +107,10 @@ class SharedGradsMixin:
         """grad_buffer's shared-memory case (collective over every worker)."""
         from . import shm
 
-        if dtype not in shm.GRAD_DTYPES:  # the same dtype on every worker: all take this branch
-            return Communicator.grad_buffer(self, numel, dtype, device)
-        usable, self.shared = shm.open_shared_grads(path, self.local_rank, self.local_size, numel, dtype,
-                                                    timeout_s, names, parts, all_ok)
+        usable, self.shared = False, None  # a dtype it cannot sum: the same on every worker, all skip it
+        if dtype in shm.GRAD_DTYPES:
+            usable, self.shared = shm.open_shared_grads(path, self.local_rank, self.local_size, numel, dtype,
+                                                        timeout_s, names, parts, all_ok)
         if not usable:
             return Communicator.grad_buffer(self, numel, dtype, device)
         # the only worker on its host keeps a plain buffer: its part is the whole of it

@@ -74,7 +74,7 @@ class FusedGrads:
             in_place_min_bytes = IN_PLACE_MIN_BYTES_ALONE if self.alone else IN_PLACE_MIN_BYTES
         self.in_place: list[models.Linear] = _in_place_layers(model, in_place_min_bytes) if grads_in_place else []
         if self.alone:
-            kept = [p for m in self.in_place for p in _own(m)]
+            kept = [p for m in self.in_place for p in m.parameters(recurse=False)]
             held = torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device)
             offset = 0
             for p in kept:
@@ -94,7 +94,7 @@ class FusedGrads:
                 p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
                 where[p] = (offset, offset + p.numel())
                 offset += p.numel()
-            owned = sorted(where[p] for m in self.in_place for p in _own(m))
+            owned = sorted(where[p] for m in self.in_place for p in m.parameters(recurse=False))
             self._cleared = _gaps(owned, total + TAIL)  # where backward accumulates, and the tail
         self.tail = self.flat[self.n:]
         self._tail_np = self.tail.numpy() if self.tail.device.type == "cpu" else None
@@ -123,7 +123,7 @@ class FusedGrads:
         `idle()`: work to do while waiting for slower workers, if the transport can."""
         for layer in self.in_place:
             if not layer.grads_written:  # backward did not reach it: zeros, as a cleared buffer holds
-                for p in _own(layer):
+                for p in layer.parameters(recurse=False):
                     p.grad.zero_()
         tail = self.tail
         if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
@@ -159,18 +159,14 @@ class FusedGrads:
                          times=tuple(summed_times))
 
 
-def _own(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module._parameters.values() if p is not None]
-
-
 def _in_place_layers(model: nn.Module, min_bytes: int) -> list:
     """The model's `models.Linear` layers with weights of `min_bytes` or more whose
     parameters are trained and belong to no other module (a shared parameter also gets
     gradients from autograd), switched on."""
-    owners = Counter(id(p) for m in model.modules() for p in _own(m))
+    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     layers = [m for m in model.modules() if isinstance(m, models.Linear)
               and m.weight.numel() * m.weight.element_size() >= min_bytes
-              and all(p.requires_grad and owners[id(p)] == 1 for p in _own(m))]
+              and all(p.requires_grad and owners[id(p)] == 1 for p in m.parameters(recurse=False))]
     for layer in layers:
         layer.grads_in_place, layer.grads_written = True, False
     return layers
