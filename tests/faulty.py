@@ -42,6 +42,8 @@ class Faulty(nn.Module):
                     f.write(str(self.calls))
             if self.mode == "slow" and current_rank() == self.fail_rank:  # a straggler: 50 ms more every step
                 time.sleep(0.05)
+            elif self.mode == "pause" and self.calls == self.fail_step and self.fail_rank in (current_rank(), -1):
+                time.sleep(4.5)  # busy (fail_rank -1: every rank), then goes on
             elif self.calls == self.fail_step and current_rank() == self.fail_rank and self._armed():
                 if self.mode == "nan":
                     return out * float("nan")

@@ -5,7 +5,9 @@
     --mode fused       flatten the grads, one Allreduce, divide, copy back (the best peer)
     --mode per_tensor  one Allreduce per gradient tensor
     --mode nosync      no exchange at all: the ceiling for data parallelism on these cores
-    --mode bare        time one Allreduce of the model's gradient bytes (ms, median)
+    --mode bare        time one Allreduce of the model's gradient bytes (ms, median), in a loop
+    --mode bare_step   the fused loop, timing its Allreduce alone (after a Barrier, so not
+                       waiting for the other rank): a bare Allreduce between training steps
 """
 
 import argparse
@@ -26,7 +28,7 @@ from dist_train import config, data, models
 
 p = argparse.ArgumentParser()
 p.add_argument("config")
-p.add_argument("--mode", default="fused", choices=["fused", "per_tensor", "nosync", "bare"])
+p.add_argument("--mode", default="fused", choices=["fused", "per_tensor", "nosync", "bare", "bare_step"])
 p.add_argument("--steps", type=int, default=100)
 p.add_argument("--warmup", type=int, default=5)
 a = p.parse_args()
@@ -58,6 +60,7 @@ shard = np.arange(rank * len(ds) // world, (rank + 1) * len(ds) // world)
 rng = np.random.default_rng([cfg.seed, rank])
 order, pos = rng.permutation(shard), 0
 comm.Barrier()
+allreduce_s = []
 for step in range(a.steps + a.warmup):
     if step == a.warmup:
         t0 = time.perf_counter()
@@ -67,9 +70,15 @@ for step in range(a.steps + a.warmup):
     pos += local
     opt.zero_grad()
     F.cross_entropy(model(torch.from_numpy(ds.x[idx])), torch.from_numpy(ds.y[idx])).backward()
-    if a.mode == "fused":
+    if a.mode in ("fused", "bare_step"):
         flat = torch.cat([q.grad.reshape(-1) for q in params])
-        comm.Allreduce(MPI.IN_PLACE, flat)
+        if a.mode == "bare_step":
+            comm.Barrier()
+            t = time.perf_counter()
+            comm.Allreduce(MPI.IN_PLACE, flat)
+            allreduce_s.append(time.perf_counter() - t)
+        else:
+            comm.Allreduce(MPI.IN_PLACE, flat)
         flat /= world
         off = 0
         for q in params:
@@ -83,4 +92,7 @@ for step in range(a.steps + a.warmup):
 elapsed = time.perf_counter() - t0
 rates = comm.gather(a.steps * local / elapsed)
 if rank == 0:
-    print(json.dumps({"steady_samples_per_sec": sum(rates)}))
+    out = {"steady_samples_per_sec": sum(rates)}
+    if allreduce_s:
+        out["allreduce_ms"] = 1000 * statistics.median(allreduce_s[a.warmup:])
+    print(json.dumps(out))

@@ -87,3 +87,10 @@ def test_a_stalled_rank_is_named_with_its_step_under_mpi(tmp_path, sleeper):
                f"model.kwargs={{fail_rank: {sleeper}, fail_step: 4, mode: sleep}}", timeout=90)
     assert p.returncode != 0 and time.monotonic() - start < 30
     assert errors(p)[0].startswith(f"error: rank(s) {sleeper} stalled: no progress for 3 s at step 4"), p.stderr[-3000:]
+
+
+def test_every_rank_busy_past_the_timeout_is_no_stall(tmp_path):
+    """The watchdog names ranks behind the others that made no progress: ranks that all
+    pause together (a long evaluation, say) are not behind, whenever each reports."""
+    ok(mpirun(3, "conf/digits.yaml", tmp_path / "o", *FAULTY, "train.epochs=2", "comm.timeout_s=3",
+              "model.kwargs={fail_rank: -1, fail_step: 4, mode: pause}", timeout=90))
