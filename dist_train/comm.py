@@ -123,7 +123,7 @@ class SharedGradsMixin:
         return self.shared.waited if self.shared is not None else 0.0
 
     def allreduce_mean(self, buf, count_at, idle=None):
-        if self.grads is None or not same_memory(buf, self.grads):
+        if self.grads is None or (buf is not self.grads and not same_memory(buf, self.grads)):
             return super().allreduce_mean(buf, count_at)  # any other tensor: the plain transport
         self._enter()
         between = self._across_hosts

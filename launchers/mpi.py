@@ -49,7 +49,7 @@ class MPIComm(SharedGradsMixin, Communicator):
     i across hosts with MPI Allreduce."""
 
     HEARTBEAT = 7
-    BEAT_S = 0.02  # how often a rank's heartbeat thread reports its progress to rank 0
+    BEAT_S = 0.1  # how often a rank's heartbeat thread reports its progress, and the watchdog looks
 
     def __init__(self, comm=MPI.COMM_WORLD, timeout_s: float | None = None, use_shm: bool = False, local=None):
         self.comm = comm
@@ -200,7 +200,7 @@ class _Watchdog(threading.Thread):
                       f"{self.timeout_s:g} s at step {step} while the other ranks wait in its collective "
                       f"(comm.timeout_s); aborting all {self.c.world_size} ranks", file=sys.stderr, flush=True)
                 self.c.comm.Abort(1)
-            self._halt.wait(0.02)
+            self._halt.wait(MPIComm.BEAT_S)
 
 
 def _prepare_everywhere(world, argv):
