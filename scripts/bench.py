@@ -139,11 +139,11 @@ def runners(quick: bool, workload: str) -> dict:
 
 def bare_allreduce_ms(config: str, steps: int) -> tuple[float, float]:
     """A bare MPI Allreduce of the model's gradient bytes (ms): called in a loop, its buffer
-    left in cache; and called between training steps of the fused loop (peers/mpi_ref.py
-    --mode bare_step), as our exchange is, with the step's data just written by backward."""
-    ref = [*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", config, "--mode"]
-    return (_last_json(_run([*ref, "bare"]))["allreduce_ms"],
-            _last_json(_run([*ref, "bare_step", "--steps", steps]))["allreduce_ms"])
+    left in cache; and called between training steps of the fused loop, as our exchange
+    is, with the step's data just written by backward (peers/mpi_ref.py --mode bare)."""
+    out = _last_json(_run([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", config, "--mode", "bare",
+                           "--steps", steps]))
+    return out["loop_ms"], out["step_ms"]
 
 
 def interleaved(fns: dict, reps: int) -> dict:
