@@ -26,7 +26,8 @@ class Communicator:
         """Sum `buf` over all workers, then divide buf[:count_at] by the summed buf[count_at]
         (when it is > 0): the gradients by the global sample count behind them. `idle()`,
         if given, is work this worker may do once while it waits for slower workers (the
-        next batch); a transport that cannot tell waiting apart never calls it."""
+        next batch), counted in waited_s; a transport that cannot tell waiting apart never
+        calls it."""
         self.allreduce(buf)
         divide_by_count(buf, count_at)
 

@@ -58,8 +58,9 @@ class WorkerData:
 
 class _Ahead:
     """The next step's first batch, gathered while this worker waits for slower peers at
-    the exchange (`fetch` is the idle work a shared-memory exchange runs then), so the
-    early worker's next step does not wait for its data. Its seconds count as waiting for
+    the exchange (`fetch` is the idle work a shared-memory exchange runs then: while a peer
+    arrives, or else while one finishes its part of the sum), so the next step does not
+    wait for its data. Its seconds count as waiting for
     peers (spent inside that wait), not as the step's data time (blocked on a batch)."""
 
     def __init__(self, data: WorkerData, device: torch.device):

@@ -76,16 +76,20 @@ class _Arrivals:
         self.pids[local_rank] = os.getpid()
         self.arrivals = int(self.counters[local_rank])
 
-    def wait(self, idle=None) -> None:
+    def wait(self, idle=None) -> float | None:
         """Arrive, and return once every worker has; `idle()` runs once first if some have
-        not (work that would otherwise follow)."""
+        not (work that would otherwise follow). Returns the seconds idle() took, None if it
+        did not run."""
         self.arrivals += 1
         self.counters[self.rank] = self.arrivals
         counters, target = self.counters, self.arrivals
         if counters.min() >= target:
-            return
+            return None
+        idled = None
         if idle is not None:
+            t = time.perf_counter()
             idle()
+            idled = time.perf_counter() - t
         spins, start, next_check = 0, time.monotonic(), 0.0
         while counters.min() < target:
             spins += 1
@@ -95,6 +99,7 @@ class _Arrivals:
                 if now > next_check:
                     self._check_peers(target, now - start)
                     next_check = now + 0.1
+        return idled
 
     def _check_peers(self, target: int, waited: float) -> None:
         late = [r for r in range(self.size) if self.counters[r] < target]
@@ -176,7 +181,8 @@ class SharedGrads:
     line that another core wrote and then read back cost its owner ~25 ns to write again
     (in some runs the next step's zeroing of 1.3 MB took 0.6 ms instead of 0.1). Workers with
     local rank >= `parts` own no part (hosts with fewer workers set `parts`). `waited`
-    counts the seconds spent in the first barrier: waiting for slower workers, not summing."""
+    counts the seconds spent in the first barrier (waiting for slower workers, not summing)
+    and in the idle work of the second."""
 
     PIECE = 1 << 20  # elements per piece: 4 MB of float32
 
@@ -200,12 +206,13 @@ class SharedGrads:
         """Sum every worker's slot into every slot; `between(part)` sums this worker's part
         (a view of its slot) across hosts, in place. With `mean_at` (one host only),
         elements below it are divided by the summed element at it, in the same pass.
-        `idle()` runs while this worker waits for the others to arrive, if it does."""
+        `idle()` runs once, if this worker waits for the others: to arrive, or else to
+        finish their parts (its seconds there count as waiting too)."""
         slots = self.slots
         if mean_at is not None:  # in the header: the slots' copies are overwritten by their part's owner
             self.counts[self.rank] = slots[self.rank, mean_at]
         start = time.perf_counter()
-        self.arrivals.wait(idle)  # every slot holds its worker's gradients
+        idled = self.arrivals.wait(idle)  # every slot holds its worker's gradients
         self.waited += time.perf_counter() - start
         others = self.others
         total = 0.0
@@ -225,7 +232,11 @@ class SharedGrads:
             mine = slots[self.rank, self.lo:self.hi]
             for s in others:
                 np.copyto(s[self.lo:self.hi], mine)
-        self.arrivals.wait()  # every part is in every slot; no one reads another's slot until the next call
+        # every part is in every slot; no one reads another's slot until the next call. A worker
+        # whose part is done before another's runs idle() here, if it did not wait before
+        idled = self.arrivals.wait(idle if idled is None else None)
+        if idled is not None:
+            self.waited += idled
 
     def _sum_piece(self, lo: int, hi: int) -> np.ndarray:
         """Elements [lo, hi) of every slot summed into my slot as ((s0 + s1) + s2) + ...:

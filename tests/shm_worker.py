@@ -35,11 +35,17 @@ def run(rank, world, port, hosts, token, mode, queue):
         values = [torch.randn(5000, generator=torch.Generator().manual_seed(r)) for r in range(world)]
         grads.zero_()
         grads[:5000], grads[5000] = values[rank], 1.0
-        idled = []
-        if rank == world - 1:  # the last worker arrives late: the others on its host do their idle work
+        idled, late = [], rank == world - 1
+
+        def idle():  # the others' idle work outlasts the late worker's delay
+            idled.append(rank)
+            time.sleep(0.1 if late else 0.6)
+
+        if late:  # the last worker arrives late: the others on its host do their idle work
             time.sleep(0.3)
-        comm.allreduce_mean(grads, 5000, idle=lambda: idled.append(rank))
-        out["idle work done"] = bool(idled)
+        waited = comm.waited_s()
+        comm.allreduce_mean(grads, 5000, idle=idle)
+        out["idle work done"], out["waited"] = bool(idled), comm.waited_s() - waited
         expected = values[0].clone()
         for v in values[1:]:
             expected += v
