@@ -1,7 +1,7 @@
 """Throughput benchmark: dist-train against its peers on the same cores, in one run.
 
     .venv/bin/python scripts/bench.py                  # 3 repetitions, median; writes docs/bench.md + .png
-    .venv/bin/python scripts/bench.py --quick          # 1 repetition, fewer steps, Spark rows on mlp only (< 3 min)
+    .venv/bin/python scripts/bench.py --quick          # 1 repetition, fewer steps, some rows on mlp only (< 3 min)
 
 Workloads: conf/bench_mlp.yaml (784-512-512-10), bench_lenet.yaml, bench_wide.yaml
 (784-4096-4096-10, 20 M parameters); global batch 128, synthetic MNIST-shaped data.
@@ -107,9 +107,9 @@ def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
                 "rss_mb": s["peak_rss_mb"]}
 
 
-def peer(cmd: list, timed: bool = False) -> dict:
+def peer(cmd: list, timeout: int = 240) -> dict:
     start = time.perf_counter()
-    out = _last_json(_run(cmd, result_counts=True))
+    out = _last_json(_run(cmd, timeout=timeout, result_counts=True))
     return {"sps": out["steady_samples_per_sec"], "wall": time.perf_counter() - start}
 
 
@@ -119,21 +119,22 @@ def runners(quick: bool, workload: str) -> dict:
         "plain-1": lambda c, s: peer([sys.executable, ROOT / "scripts/peers/plain_loop.py", c, "--steps", s]),
         "local": lambda c, s: ours("local", c, s),
         "mpi-2": lambda c, s: ours("mpi", c, s),
-        # oversubscribed threads are slow: a few steps show it
-        f"mpi-2 threads={cores}": lambda c, s: ours("mpi", c, min(s, 20), [f"threads={cores}"]),
         "ddp-2": lambda c, s: peer([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", 29511,
                                     ROOT / "scripts/peers/ddp_train.py", c, "--steps", s]),
         "ref-fused-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
                                           "--mode", "fused", "--steps", s]),
-        "ref-pertensor-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
-                                              "--mode", "per_tensor", "--steps", s]),
         "nosync-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
                                        "--mode", "nosync", "--steps", s]),
     }
-    if not quick or workload == "mlp":
+    if not quick or workload == "mlp":  # --quick: these rows on the MLP only (under 3 minutes in all)
+        # oversubscribed threads are slow: a few steps show it
+        r[f"mpi-2 threads={cores}"] = lambda c, s: ours("mpi", c, min(s, 20), [f"threads={cores}"])
+        r["ref-pertensor-2"] = lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
+                                                  "--mode", "per_tensor", "--steps", s])
         r["spark-2"] = lambda c, s: ours("spark", c, s)
+        # it hangs in about one run of three here (its wall time is ~25-30 s otherwise)
         r["tdist-2"] = lambda c, s: peer([sys.executable, ROOT / "scripts/peers/torch_distributor.py", c,
-                                          "--steps", s])
+                                          "--steps", s], timeout=120)
     return r
 
 
@@ -185,7 +186,8 @@ def table(rows, reps: int) -> str:
               "data wait (mpi-2, % of step) | peak RSS per rank (mpi-2, MB) |",
               "|---" * 15 + "|"]
     for w, r, bare in rows:
-        threads = next(n for n in r if n.startswith("mpi-2 threads"))
+        threads = next((n for n in r if n.startswith("mpi-2 threads")), None)
+        gain = f"{r['mpi-2']['sps'] / r[threads]['sps']:.2f}x" if threads else "-"
         spark = (f"{r['spark-2']['sps'] / r['mpi-2']['sps']:.2f}x | {r['spark-2']['wall']:.1f} s / "
                  f"{r['tdist-2']['wall']:.1f} s = {r['spark-2']['wall'] / r['tdist-2']['wall']:.2f}x"
                  if "spark-2" in r else "- | -")
@@ -194,7 +196,7 @@ def table(rows, reps: int) -> str:
             f" | {r['mpi-2']['sps'] / r['nosync-2']['sps']:.2f}x | {r['mpi-2']['sps'] / r['ref-fused-2']['sps']:.2f}x"
             f" | {r['mpi-2']['comm_ms']:.2f} | {bare[0]:.2f} | {bare[1]:.2f} | {r['mpi-2']['comm_ms'] / bare[1]:.2f}x"
             f" | {r['mpi-2']['wait_ms']:.2f}"
-            f" | {r['mpi-2']['sps'] / r[threads]['sps']:.2f}x | {spark}"
+            f" | {gain} | {spark}"
             f" | {r['mpi-2']['data_pct']:.1f}% | {r['mpi-2']['rss_mb']:,.0f} |")
     return "\n".join(lines)
 
