@@ -60,8 +60,8 @@ class _Ahead:
     """The next step's first batch, gathered while this worker waits for slower peers at
     the exchange (`fetch` is the idle work a shared-memory exchange runs then: while a peer
     arrives, or else while one finishes its part of the sum), so the next step does not
-    wait for its data. Its seconds count as waiting for
-    peers (spent inside that wait), not as the step's data time (blocked on a batch)."""
+    wait for its data. Its seconds count as waiting for peers (spent inside that wait),
+    not as the step's data time (blocked on a batch)."""
 
     def __init__(self, data: WorkerData, device: torch.device):
         self.data, self.device, self.rows, self.batch = data, device, None, None
