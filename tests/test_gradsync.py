@@ -7,7 +7,7 @@ import torch
 
 from dist_train import losses, models
 from dist_train.comm import LocalComm
-from dist_train.gradsync import FusedGrads, broadcast_parameters
+from dist_train.gradsync import FusedGrads, broadcast_parameters, parameter_checksums
 
 from .helpers import run_threads
 
@@ -157,3 +157,23 @@ def test_only_layers_large_enough_to_pay_write_in_place():
     assert [m.out_features for m in FusedGrads(copy.deepcopy(mlp)).in_place] == [512, 512]
     assert FusedGrads(copy.deepcopy(mlp), LocalComm()).in_place == []  # a world of one: below 32 MB
     assert FusedGrads(copy.deepcopy(mlp), grads_in_place=False).in_place == []
+
+
+def test_parameter_checksums_change_with_one_ulp_of_any_parameter():
+    """The drift check compares these across workers: a change of one bit anywhere shows
+    (odd sizes end in partial 8-byte words; a parameter viewing another at an odd offset)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 1))
+    odd = torch.nn.Parameter(torch.randn(8)[1:])  # storage offset 1: not 8-byte aligned
+    model.register_parameter("odd", odd)
+    comm = LocalComm()
+    base = parameter_checksums(comm, model)
+    for p in model.parameters():
+        for i in range(p.numel()):
+            with torch.no_grad():
+                old = p.view(-1)[i].clone()
+                p.view(-1)[i] = torch.nextafter(old, torch.tensor(float("inf")))
+            assert parameter_checksums(comm, model) != base, (p.shape, i)
+            with torch.no_grad():
+                p.view(-1)[i] = old
+    assert parameter_checksums(comm, model) == base
