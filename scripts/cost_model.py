@@ -20,9 +20,9 @@ import argparse
 # per-worker compute for a local batch of 64 on one core (no-sync row), gradient bytes, dist-train's measured
 # exchange time per step and 2-rank samples/s: docs/bench.md (scripts/bench.py, median of 3, this machine)
 WORKLOADS = {
-    "mlp": {"c_ms": 64 / (36601 / 2) * 1000, "bytes": 2_678_824, "exchange2_ms": 0.32, "mpi2_sps": 32272},
-    "lenet": {"c_ms": 64 / (12199 / 2) * 1000, "bytes": 246_824, "exchange2_ms": 0.20, "mpi2_sps": 13836},
-    "wide": {"c_ms": 64 / (815 / 2) * 1000, "bytes": 80_150_568, "exchange2_ms": 7.79, "mpi2_sps": 899},
+    "mlp": {"c_ms": 64 / (37384 / 2) * 1000, "bytes": 2_678_824, "exchange2_ms": 0.19, "mpi2_sps": 34504},
+    "lenet": {"c_ms": 64 / (12844 / 2) * 1000, "bytes": 431_144, "exchange2_ms": 0.16, "mpi2_sps": 13857},
+    "wide": {"c_ms": 64 / (905 / 2) * 1000, "bytes": 80_150_568, "exchange2_ms": 7.86, "mpi2_sps": 1047},
 }
 
 
