@@ -1,4 +1,5 @@
-"""MPI launcher: N ranks under mpirun, gradients summed with MPI Allreduce.
+"""MPI launcher: N ranks under mpirun, gradients summed in shared memory among the ranks
+of a host (comm.shm) and with MPI Allreduce across hosts.
 
     mpirun -n 2 --bind-to none python launchers/mpi.py conf/digits.yaml --out runs/digits-mpi
     dist-train mpi -n 2 conf/digits.yaml --out runs/digits-mpi     (adds the flags for you)
