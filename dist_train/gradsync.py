@@ -75,11 +75,7 @@ class FusedGrads:
         self.in_place: list[models.Linear] = _in_place_layers(model, in_place_min_bytes) if grads_in_place else []
         if self.alone:
             kept = [p for m in self.in_place for p in m.parameters(recurse=False)]
-            held = torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device)
-            offset = 0
-            for p in kept:
-                p.grad = held[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+            _grads_into(kept, torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device))
             kept_ids = {id(p) for p in kept}
             self.stolen = [p for p in params if id(p) not in kept_ids]  # autograd's own tensors
             self.flat = torch.zeros(TAIL, dtype=dtype, device=device)  # the tail only
@@ -89,11 +85,7 @@ class FusedGrads:
                 torch.zeros(total + TAIL, dtype=dtype, device=device)
             self.n = total
             self.grads = self.flat[:total]
-            offset, where = 0, {}
-            for p in params:
-                p.grad = self.flat[offset:offset + p.numel()].view_as(p)  # backward accumulates here in place
-                where[p] = (offset, offset + p.numel())
-                offset += p.numel()
+            where = _grads_into(params, self.flat)  # backward accumulates there in place
             owned = sorted(where[p] for m in self.in_place for p in m.parameters(recurse=False))
             self._cleared = _gaps(owned, total + TAIL)  # where backward accumulates, and the tail
         self.tail = self.flat[self.n:]
@@ -157,6 +149,16 @@ class FusedGrads:
                              tuple(summed_times))
         return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5,
                          times=tuple(summed_times))
+
+
+def _grads_into(params: list, buf: torch.Tensor) -> dict:
+    """Make each parameter's `.grad` a view into `buf`, one after another; where each lies."""
+    offset, where = 0, {}
+    for p in params:
+        p.grad = buf[offset:offset + p.numel()].view_as(p)
+        where[p] = (offset, offset + p.numel())
+        offset += p.numel()
+    return where
 
 
 def _in_place_layers(model: nn.Module, min_bytes: int) -> list:
