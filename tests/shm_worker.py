@@ -36,10 +36,11 @@ def run(rank, world, port, hosts, token, mode, queue):
         grads.zero_()
         grads[:5000], grads[5000] = values[rank], 1.0
         idled, late = [], rank == world - 1
+        beside_late = hosts[rank] == hosts[world - 1] and not late
 
-        def idle():  # the others' idle work outlasts the late worker's delay
-            idled.append(rank)
-            time.sleep(0.1 if late else 0.6)
+        def idle():  # the idle work of the late worker's host peers outlasts its delay (the others' is short,
+            idled.append(rank)  # so the sum across hosts does not wait for it)
+            time.sleep(0.6 if beside_late else 0.1 if late else 0.0)
 
         if late:  # the last worker arrives late: the others on its host do their idle work
             time.sleep(0.3)
