@@ -108,6 +108,7 @@ class SharedGradsMixin:
         """grad_buffer's shared-memory case (collective over every worker)."""
         from . import shm
 
+        self.shm_path, self.agree = path, all_ok  # for hoststep's parameter segment
         usable, self.shared = False, None  # a dtype it cannot sum: the same on every worker, all skip it
         if dtype in shm.GRAD_DTYPES:
             usable, self.shared = shm.open_shared_grads(path, self.local_rank, self.local_size, numel, dtype,

@@ -130,6 +130,9 @@ KEYS: tuple[Key, ...] = (
         "and stop if they drifted apart (0: never)", check=_non_negative),
     Key("comm.shm", bool, True, "workers on one host sum gradients in shared memory; MPI or gloo only "
         "between hosts (x86-64 Linux; false or elsewhere: MPI Allreduce / gloo throughout)"),
+    Key("comm.shard_optimizer", bool, True, "with comm.shm on one host: parameters held once in shared memory, "
+        "each worker steps only its part (same weights; optimizer work and state split among the workers); "
+        "false for a model that changes its own parameters outside the optimizer"),
     # spark
     Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
     Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",

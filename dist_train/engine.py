@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import checkpoint, config, losses, models, schedule, sharding
+from . import checkpoint, config, hoststep, losses, models, schedule, sharding
 from .errors import TrainingError, UserError
 from .gradsync import TIMES, FusedGrads, broadcast_parameters, parameter_checksums
 from .outputs import RunWriter, write_final
@@ -144,6 +144,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         pos = _restore(ckpt, model, optimizer, cfg, comm.world_size)
     _agree_on_start(comm, pos.step, device)
     broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights
+    optimizer = hoststep.share(comm, grads, optimizer, cfg.comm.shard_optimizer)  # dist: one host steps in parts
     writer.start_metrics(pos.step if ckpt is not None else None)
     writer.log(f"[dist-train] {launcher}: world {comm.world_size}, device {device}, "
                f"threads {threads or torch.get_num_threads()}, {data.n} rows, "
@@ -264,6 +265,8 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             if stopped_by != "epochs":
                 break
     loop_end = time.perf_counter()
+    if isinstance(optimizer, hoststep.HostStep):
+        optimizer.release()
     train_seconds = loop_end - loop_start
     final_loss = pos.epoch_loss / pos.epoch_count if pos.epoch_count else None
     writer.checkpoint(pos.step, _state(model, optimizer, pos, cfg, comm), cfg.checkpoint.keep)
@@ -290,6 +293,7 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         "seconds_mean_over_workers": {k: v / comm.world_size for k, v in zip(TIMES, all_workers)},
         "steps_run": steps_run,
         "grad_bytes": grads.nbytes,
+        "optimizer_parts": len(optimizer.cuts) - 1 if isinstance(optimizer, hoststep.HostStep) else 1,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's (Linux: KiB)
         "device": str(device),
         "threads": threads or torch.get_num_threads(),
@@ -354,9 +358,12 @@ def _log_epoch(writer, pos: Position):
 
 
 def _state(model, optimizer, pos: Position, cfg, comm) -> dict:
+    weights = model.state_dict()
+    for k, v in weights.items():  # copies: a view into hoststep's segment would save all of it
+        weights[k] = v.clone()
     return {
         "format": 1,
-        "model": model.state_dict(),
+        "model": weights,
         "optimizer": optimizer.state_dict(),
         "position": vars(pos).copy(),
         "rng": torch.get_rng_state(),

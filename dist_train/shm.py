@@ -201,6 +201,13 @@ class SharedGrads:
         parts = size if parts is None else parts
         self.lo = local_rank * numel // parts if local_rank < parts else 0
         self.hi = (local_rank + 1) * numel // parts if local_rank < parts else 0
+        self.copy_from = 0  # summed elements below it stay in their summer's slot (hoststep: it steps them)
+
+    def set_part(self, lo: int, hi: int, copy_from: int) -> None:
+        """Sum elements [lo, hi) here (every worker of the host sets parts that tile the
+        slot, before the first allreduce), and copy only those from `copy_from` on into the
+        other slots (one host only)."""
+        self.lo, self.hi, self.copy_from = lo, hi, copy_from
 
     def allreduce(self, between=None, mean_at: int | None = None, idle=None) -> None:
         """Sum every worker's slot into every slot; `between(part)` sums this worker's part
@@ -224,9 +231,10 @@ class SharedGrads:
             if total > 0 and lo < mean_at:
                 grads = acc[:mean_at - lo]
                 np.divide(grads, total, out=grads)
-            if between is None:
+            if between is None and hi > self.copy_from:
+                at = max(lo, self.copy_from)
                 for s in others:
-                    np.copyto(s[lo:hi], acc)  # while the piece is still in cache
+                    np.copyto(s[at:hi], acc[at - lo:])  # while the piece is still in cache
         if between is not None and self.hi > self.lo:
             between(self.mine[self.lo:self.hi])
             mine = slots[self.rank, self.lo:self.hi]

@@ -120,6 +120,34 @@ def test_shared_memory_sums_give_the_same_weights_as_mpi_allreduce_bit_for_bit(t
         assert torch.equal(v, weights(tmp_path / "mpi")[k]), k
 
 
+@pytest.mark.parametrize("n,optimizer,first", [(2, "sgd", "on"), (3, "adam", "off")])
+def test_the_host_sharded_optimizer_step_is_bit_for_bit_the_plain_one(n, optimizer, first, tmp_path):
+    """comm.shard_optimizer: n ranks each step their part of the parameters (cut inside the
+    first weight), held once in shared memory. The same weights and checkpointed optimizer
+    state as every rank stepping all of them, and a checkpoint of either resumes under the other."""
+    sets = ["model.hidden=[40,24]", "train.log_every=0", "train.epochs=2", "checkpoint.every_steps=7",
+            "train.weight_decay=0.001"] + (["train.optimizer=adam", "train.momentum=0", "train.lr=0.01"]
+                                           if optimizer == "adam" else [])
+    mode = {"on": [], "off": ["comm.shard_optimizer=false"]}
+    second = "off" if first == "on" else "on"
+    for name in ("on", "off"):
+        ok(mpirun(n, "conf/digits.yaml", tmp_path / name, *sets, *mode[name]))
+        parts = json.loads((tmp_path / name / "summary.json").read_text())["optimizer_parts"]
+        assert parts == (n if name == "on" else 1), (name, parts)
+    ok(mpirun(n, "conf/digits.yaml", tmp_path / "both", *sets, *mode[first], "train.max_steps=10"))
+    ok(mpirun(n, "conf/digits.yaml", tmp_path / "both", *sets, *mode[second], resume=True))
+    for name in ("off", "both"):
+        for k, v in weights(tmp_path / "on").items():
+            assert torch.equal(v, weights(tmp_path / name)[k]), (name, k)
+    on, off = (torch.load(tmp_path / name / "checkpoints" / "step-00000042.pt", weights_only=True)["optimizer"]
+               for name in ("on", "off"))
+    assert on["param_groups"] == off["param_groups"] and on["state"].keys() == off["state"].keys()
+    for i, state in off["state"].items():
+        assert state.keys() == on["state"][i].keys()
+        for key, value in state.items():
+            assert torch.equal(value, on["state"][i][key]) and value.dtype == on["state"][i][key].dtype, (i, key)
+
+
 @pytest.mark.parametrize("n,hosts", [(3, 1), (4, 2), (3, 2)], ids=["one-host", "two-by-two", "two-and-one"])
 def test_the_shared_memory_gradient_buffer_sums_within_and_across_hosts(n, hosts):
     """MPIComm with its ranks posed as `hosts` hosts: shared memory within each, part i of the
