@@ -172,6 +172,9 @@ class SharedGrads:
         barrier -> worker i sums part i of every slot into its own slot (slot order fixed) ->
         [part i across hosts: `between`] -> copies it into part i of every other slot -> barrier
 
+    (With hoststep's split optimizer step, one host only, worker i steps part i itself:
+    `set_part` leaves part i in worker i's slot, and only the stats tail is copied.)
+
     Per worker that is reading and writing about 2 S / parts bytes (S the buffer's size),
     where MPI's or gloo's allreduce first copies the buffer into its own transport and
     back. The sum runs in pieces that stay in cache while they are copied, through numpy
