@@ -14,7 +14,7 @@ copied. Two rules keep it exact and fast:
   from the start of its tensor. torch's fused CPU kernels treat the last (length mod the
   vector width) elements of a tensor apart; cut elsewhere, other elements land there and
   come out one ulp apart (measured: fused SGD, torch 2.13). At such cuts the pieces step
-  bit for bit as the whole tensors do (tests compare with local mode, SGD and Adam).
+  bit for bit as the whole tensors do (tested against the plain step, SGD and Adam).
 - Two parameter buffers: step t reads buffer t % 2 and writes the other. A step that
   wrote the buffer the other workers had just read in their forward would invalidate
   each of their cached copies line by line: on one buffer the half step took as long as
@@ -128,7 +128,9 @@ class HostStep:
         self.qs = [buf_view.view(-1) for buf_view in self.piece_views[0]]  # own objects: .data moves each step
         for q, (*_, a, b) in zip(self.qs, self.pieces):
             q.grad = self.shared.mine[a:b]
-        self.inner = type(plain)(self.qs, **plain.defaults)
+        # the plain optimizer's hyperparameters, restored from a checkpoint too (as load_state_dict sets them)
+        group = plain.param_groups[0]
+        self.inner = type(plain)(self.qs, **{k: group[k] for k in plain.defaults if k in group})
         self._scatter_state()
         last = len(self.shared.slots[0])
         self.shared.set_part(self.lo, self.hi if self.hi < cuts[-1] else last, copy_from=cuts[-1])
