@@ -359,8 +359,9 @@ def _log_epoch(writer, pos: Position):
 
 def _state(model, optimizer, pos: Position, cfg, comm) -> dict:
     weights = model.state_dict()
-    for k, v in weights.items():  # copies: a view into hoststep's segment would save all of it
-        weights[k] = v.clone()
+    if isinstance(optimizer, hoststep.HostStep) and not optimizer.released:
+        for k, v in weights.items():  # views into its shared segment: torch.save would write all of it
+            weights[k] = v.clone()
     return {
         "format": 1,
         "model": weights,

@@ -44,8 +44,7 @@ def share(comm, grads, optimizer: torch.optim.Optimizer, enabled: bool):
     more than one host, no shared gradient buffer, an unfused or other optimizer, or a
     model too small to give every worker a part. Collective; every worker decides alike."""
     shared = getattr(comm, "shared", None)
-    if not enabled or shared is None or comm.hosts != 1 or grads.grads is None \
-            or not same_memory(grads.flat, shared.mine):
+    if not enabled or shared is None or comm.hosts != 1 or not same_memory(grads.flat, shared.mine):
         return optimizer
     if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam) or not optimizer.defaults.get("fused") \
             or len(optimizer.param_groups) != 1:
@@ -110,13 +109,8 @@ class HostStep:
         self._segment, self.bufs = segment
         self.lo, self.hi = cuts[comm.local_rank], cuts[comm.local_rank + 1]
         self.cuts = cuts
+        self.released, self.cur = False, 0
         self.views = [_views(self.params, buf) for buf in self.bufs]
-        with torch.no_grad():  # every worker holds the same parameters: each copies its part in
-            self._copy_part(self.params, self.bufs[0])
-        self.shared.arrivals.wait()
-        for p, v in zip(self.params, self.views[0]):
-            p.data = v
-        self.cur = 0
         # my part as per-tensor pieces: (parameter index, its elements [a, b) within the parameter, and in the buffer)
         self.pieces, start = [], 0
         for i, p in enumerate(self.params):
@@ -124,6 +118,12 @@ class HostStep:
             if a < b:
                 self.pieces.append((i, a - start, b - start, a, b))
             start += p.numel()
+        with torch.no_grad():  # every worker holds the same parameters: each copies its part in
+            for i, a, b, lo, hi in self.pieces:
+                self.bufs[0][lo:hi].copy_(self.params[i].reshape(-1)[a:b])
+        self.shared.arrivals.wait()
+        for p, v in zip(self.params, self.views[0]):
+            p.data = v
         self.piece_views = [[buf[a:b] for *_, a, b in self.pieces] for buf in self.bufs]
         self.qs = [buf_view.view(-1) for buf_view in self.piece_views[0]]  # own objects: .data moves each step
         for q, (*_, a, b) in zip(self.qs, self.pieces):
@@ -154,6 +154,7 @@ class HostStep:
         """Give every parameter private memory again (after training: results, checkpoints)."""
         for p in self.params:
             p.data = p.data.clone()
+        self.released = True
 
     def state_dict(self) -> dict:
         """The plain optimizer's state dict for the whole model (collective over the host)."""
@@ -188,26 +189,17 @@ class HostStep:
         free = self.bufs[1 - self.cur]
         out: dict[int, dict] = {i: {} for i in range(len(self.params))}
         for key, value in mine[0].items():
-            if isinstance(value, torch.Tensor) and value.numel() == self.qs[0].numel() and value.dim() == 1:
+            if _per_element(value, self.qs[0]):
                 for s, (*_, a, b) in zip(mine, self.pieces):
                     free[a:b].copy_(s[key])
                 self.shared.arrivals.wait()
                 for i, v in enumerate(self.views[1 - self.cur]):
-                    out[i][key] = v.clone().to(value.dtype)
+                    out[i][key] = v.clone()
                 self.shared.arrivals.wait()  # all have read it before it is written again
             else:
                 for i in out:
                     out[i][key] = value.clone() if isinstance(value, torch.Tensor) else value
         return out
-
-    def _copy_part(self, params, buf: torch.Tensor) -> None:
-        flat_at = 0
-        for p in params:
-            a, b = max(flat_at, self.lo), min(flat_at + p.numel(), self.hi)
-            if a < b:
-                buf[a:b].copy_(p.detach().reshape(-1)[a - flat_at:b - flat_at])
-            flat_at += p.numel()
-
 
 def _views(params, buf: torch.Tensor) -> list[torch.Tensor]:
     out, at = [], 0
