@@ -9,6 +9,7 @@ the two, truncated, corrupted) is skipped with a warning and the previous one is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -21,12 +22,14 @@ import torch
 from .errors import UserError
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _atomic(path: str | Path):
+    """A file to write `path` through: renamed over it once written and synced, removed on failure."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -35,15 +38,46 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write(path: str | Path, data: bytes) -> None:
+    with _atomic(path) as f:
+        f.write(data)
+
+
+class _Hashing:
+    """A write-only file that hashes what passes through it (torch.save streams into it)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_save(path: str | Path, obj) -> str:
+    """torch.save `obj` to `path` atomically, streamed (no copy of it in memory); its sha256."""
+    with _atomic(path) as f:
+        out = _Hashing(f)
+        torch.save(obj, out)
+    return out.sha.hexdigest()
+
+
 def to_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 
+def load(f):
+    """torch.load of a file or open file with weights_only=True: tensors and plain containers, never code."""
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def load_bytes(data: bytes):
-    """torch.load with weights_only=True: tensors and plain containers, never code."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return load(io.BytesIO(data))
 
 
 def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
@@ -51,9 +85,8 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    data = to_bytes(state)
-    atomic_write(path, data)
-    atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    digest = atomic_save(path, state)
+    atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
     older = [p for p in listing(directory) if p != path and p.name < path.name]  # never newer ones
     for old in older[:max(len(older) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)
@@ -72,13 +105,17 @@ def read_verified(path: Path) -> dict:
     sums = path.with_name(path.name + ".sha256")
     if not sums.exists():
         raise UserError(f"checkpoint {path} has no checksum file (its write did not finish)")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sums.read_text().strip():
-        raise UserError(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
-    try:
-        return load_bytes(data)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise UserError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
+    with open(path, "rb") as f:  # hashed, then loaded, from the same open file
+        sha = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+        if sha.hexdigest() != sums.read_text().strip():
+            raise UserError(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
+        f.seek(0)
+        try:
+            return load(f)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise UserError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
 
 
 def latest(directory: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> dict | None:

@@ -265,8 +265,6 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
             if stopped_by != "epochs":
                 break
     loop_end = time.perf_counter()
-    if isinstance(optimizer, hoststep.HostStep):
-        optimizer.release()
     train_seconds = loop_end - loop_start
     final_loss = pos.epoch_loss / pos.epoch_count if pos.epoch_count else None
     writer.checkpoint(pos.step, _state(model, optimizer, pos, cfg, comm), cfg.checkpoint.keep)
@@ -358,13 +356,9 @@ def _log_epoch(writer, pos: Position):
 
 
 def _state(model, optimizer, pos: Position, cfg, comm) -> dict:
-    weights = model.state_dict()
-    if isinstance(optimizer, hoststep.HostStep) and not optimizer.released:
-        for k, v in weights.items():  # views into its shared segment: torch.save would write all of it
-            weights[k] = v.clone()
     return {
         "format": 1,
-        "model": weights,
+        "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "position": vars(pos).copy(),
         "rng": torch.get_rng_state(),

@@ -20,6 +20,10 @@ copied. Two rules keep it exact and fast:
   each of their cached copies line by line: on one buffer the half step took as long as
   the whole step on private parameters (docs/performance.md).
 
+Each parameter is a tensor of its own storage in the segment, so torch.save (checkpoints,
+model.pt) writes just its bytes and nothing is copied out for it. The parameters stay
+there after training: every worker holds the same final weights, read from then on.
+
 `state_dict()` gathers the optimizer state into the per-tensor form a plain optimizer
 over the model gives (a collective), so checkpoints move freely between launchers and
 world sizes; `share()` scatters one the same way.
@@ -95,8 +99,7 @@ def _open_segment(comm, n: int, dtype: torch.dtype):
         os.unlink(path)  # mapped by every worker (or given up): nothing left behind after a crash
     if not usable:
         return None
-    flat = torch.from_numpy(np.frombuffer(segment, dtype=shm.GRAD_DTYPES[dtype], count=2 * stride))
-    return segment, [flat[:n], flat[stride:stride + n]]
+    return segment, [0, stride]
 
 
 class HostStep:
@@ -106,11 +109,13 @@ class HostStep:
     def __init__(self, comm, grads, plain: torch.optim.Optimizer, cuts: list[int], segment):
         self.shared, self.plain = comm.shared, plain
         self.params = grads.params
-        self._segment, self.bufs = segment
+        self._segment, starts = segment
+        flat = _tensor(self._segment, grads.flat.dtype, 0, starts[1] + grads.n)
+        self.bufs = [flat[at:at + grads.n] for at in starts]
         self.lo, self.hi = cuts[comm.local_rank], cuts[comm.local_rank + 1]
         self.cuts = cuts
-        self.released, self.cur = False, 0
-        self.views = [_views(self.params, buf) for buf in self.bufs]
+        self.cur = 0
+        self.views = [_views(self.params, self._segment, at) for at in starts]
         # my part as per-tensor pieces: (parameter index, its elements [a, b) within the parameter, and in the buffer)
         self.pieces, start = [], 0
         for i, p in enumerate(self.params):
@@ -150,14 +155,10 @@ class HostStep:
             p.data = v
         self.cur = nxt
 
-    def release(self) -> None:
-        """Give every parameter private memory again (after training: results, checkpoints)."""
-        for p in self.params:
-            p.data = p.data.clone()
-        self.released = True
-
     def state_dict(self) -> dict:
-        """The plain optimizer's state dict for the whole model (collective over the host)."""
+        """The plain optimizer's state dict for the whole model (collective over the host),
+        to be saved before the next step: its last per-element state (SGD's momentum) is
+        read in place from the parameter buffer that step writes."""
         plain = self.plain
         state = self._gathered_state()
         plain.param_groups[0]["lr"] = self.inner.param_groups[0]["lr"]
@@ -182,30 +183,40 @@ class HostStep:
     def _gathered_state(self) -> dict:
         """{parameter index: {key: value}} for the whole model: per-element tensors through the
         buffer no step reads now (each worker writes its part, then all read it), the rest
-        from my own first piece (the same on every worker: a step count)."""
+        from my own first piece (the same on every worker: a step count). The last key's
+        tensors are views into the free buffer (no copy), valid until the next step."""
         mine = [self.inner.state.get(q) for q in self.qs]
         if not mine or not mine[0]:
             return {}
         free = self.bufs[1 - self.cur]
         out: dict[int, dict] = {i: {} for i in range(len(self.params))}
+        keys = [k for k, v in mine[0].items() if _per_element(v, self.qs[0])]
         for key, value in mine[0].items():
-            if _per_element(value, self.qs[0]):
+            if key in keys:
                 for s, (*_, a, b) in zip(mine, self.pieces):
                     free[a:b].copy_(s[key])
                 self.shared.arrivals.wait()
                 for i, v in enumerate(self.views[1 - self.cur]):
-                    out[i][key] = v.clone()
+                    out[i][key] = v if key == keys[-1] else v.clone()
                 self.shared.arrivals.wait()  # all have read it before it is written again
             else:
                 for i in out:
                     out[i][key] = value.clone() if isinstance(value, torch.Tensor) else value
         return out
 
-def _views(params, buf: torch.Tensor) -> list[torch.Tensor]:
-    out, at = [], 0
+def _tensor(segment, dtype: torch.dtype, start: int, n: int) -> torch.Tensor:
+    """Elements [start, start + n) of `segment` as a flat tensor of its own storage."""
+    np_dtype = np.dtype(shm.GRAD_DTYPES[dtype])
+    return torch.from_numpy(np.frombuffer(segment, dtype=np_dtype, count=n, offset=start * np_dtype.itemsize))
+
+
+def _views(params, segment, start: int) -> list[torch.Tensor]:
+    """Each parameter's place in the buffer at element `start`, a storage of its own
+    (torch.save writes a view's whole storage: a view of the segment would write all of it)."""
+    out = []
     for p in params:
-        out.append(buf[at:at + p.numel()].view_as(p))
-        at += p.numel()
+        out.append(_tensor(segment, p.dtype, start, p.numel()).view_as(p))
+        start += p.numel()
     return out
 
 

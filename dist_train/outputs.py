@@ -141,7 +141,7 @@ def write_final(out_dir: str | Path, model_payload: dict, summary: dict) -> None
     """model.pt and summary.json, atomically (the Spark driver calls this too)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(out / "model.pt", checkpoint.to_bytes(model_payload))
+    checkpoint.atomic_save(out / "model.pt", model_payload)
     checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
 
 
@@ -152,6 +152,6 @@ def load_model_file(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"no model at {path}")
     try:
-        return checkpoint.load_bytes(path.read_bytes())
+        return checkpoint.load(path)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path} is not a dist-train model: {type(e).__name__}: {e}") from None

@@ -104,13 +104,14 @@ def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
         sec, timed = s["seconds_mean_over_workers"], max(s["steps_run"] - 1, 1)  # mean over workers
         return {"sps": s["steady_samples_per_sec"], "wall": wall, "comm_ms": 1000 * sec["comm"] / timed,
                 "wait_ms": 1000 * sec["wait"] / timed, "data_pct": 100 * sec["data"] / sum(sec.values()),
-                "rss_mb": s["peak_rss_mb"]}
+                "rss_mb": s["peak_rss_mb"], "grad_mb": s["grad_bytes"] / 2**20}
 
 
 def peer(cmd: list, timeout: int = 240) -> dict:
     start = time.perf_counter()
     out = _last_json(_run(cmd, timeout=timeout, result_counts=True))
-    return {"sps": out["steady_samples_per_sec"], "wall": time.perf_counter() - start}
+    return {"sps": out["steady_samples_per_sec"], "wall": time.perf_counter() - start,
+            "rss_mb": out.get("peak_rss_mb", float("nan"))}
 
 
 def runners(quick: bool, workload: str) -> dict:
@@ -165,7 +166,7 @@ def interleaved(fns: dict, reps: int) -> dict:
 def median_of(runs: list, hung: int) -> dict:
     if not runs:
         return {"sps": float("nan"), "wall": float("nan"), "comm_ms": float("nan"), "wait_ms": float("nan"),
-                "data_pct": float("nan"), "rss_mb": float("nan"), "hung": hung}
+                "data_pct": float("nan"), "rss_mb": float("nan"), "grad_mb": float("nan"), "hung": hung}
     return {**{k: statistics.median(r[k] for r in runs) for k in runs[0]}, "hung": hung}
 
 
@@ -183,7 +184,8 @@ def table(rows, reps: int) -> str:
               "exchange ms per step (mpi-2) | bare Allreduce ms, in a loop | bare Allreduce ms, between "
               "training steps | exchange / bare (between steps) | waiting for the other rank, "
               "ms per step (mpi-2) | thread budget gain | spark-2 / mpi-2 | spark-2 wall / tdist-2 wall | "
-              "data wait (mpi-2, % of step) | peak RSS per rank (mpi-2, MB) |",
+              "data wait (mpi-2, % of step) | peak RSS per rank, MB: mpi-2 / nosync-2 (limit: nosync-2 + "
+              "parameters + gradients) |",
               "|---" * 15 + "|"]
     for w, r, bare in rows:
         threads = next((n for n in r if n.startswith("mpi-2 threads")), None)
@@ -197,8 +199,16 @@ def table(rows, reps: int) -> str:
             f" | {r['mpi-2']['comm_ms']:.2f} | {bare[0]:.2f} | {bare[1]:.2f} | {r['mpi-2']['comm_ms'] / bare[1]:.2f}x"
             f" | {r['mpi-2']['wait_ms']:.2f}"
             f" | {gain} | {spark}"
-            f" | {r['mpi-2']['data_pct']:.1f}% | {r['mpi-2']['rss_mb']:,.0f} |")
+            f" | {r['mpi-2']['data_pct']:.1f}% | {_memory(r['mpi-2'], r['nosync-2'])} |")
     return "\n".join(lines)
+
+
+def _memory(ours: dict, ceiling: dict) -> str:
+    """Issue 5's memory rule: no more than one extra copy of the parameters plus gradients
+    beyond what PyTorch itself holds (the no-sync peer: the same model, SGD and batches)."""
+    limit = ceiling["rss_mb"] + 2 * ours["grad_mb"]
+    verdict = "met" if ours["rss_mb"] <= limit else "NOT met"
+    return f"{ours['rss_mb']:,.0f} / {ceiling['rss_mb']:,.0f} (<= {limit:,.0f}: {verdict})"
 
 
 def _cell(r) -> str:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from dist_train import losses, models
+from dist_train import gradsync, losses, models
 from dist_train.comm import LocalComm
 from dist_train.gradsync import FusedGrads, broadcast_parameters, parameter_checksums
 
@@ -86,6 +86,26 @@ def test_broadcast_makes_parameters_equal_to_rank_0():
 
     for got in run_threads(3, rank):
         assert torch.equal(got, torch.ones(8))
+
+
+def test_broadcast_goes_in_place_and_in_chunks_of_any_dtype(monkeypatch):
+    """Tensors of BROADCAST_CHUNK bytes or more go alone, in place; smaller ones travel packed,
+    a chunk per dtype; a non-contiguous one is packed too."""
+    monkeypatch.setattr(gradsync, "BROADCAST_CHUNK", 64)
+
+    def rank(comm):
+        torch.manual_seed(comm.rank)
+        m = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.Linear(5, 3))  # 200 B, 20 B, 60 B, 12 B
+        m.register_buffer("stats", torch.randn(3, dtype=torch.float64))
+        m.register_buffer("steps", torch.tensor(comm.rank))  # not floating: left alone
+        m[0].weight.data = torch.randn(5, 10).t().contiguous().t()  # non-contiguous
+        broadcast_parameters(comm, m)
+        return {k: v.clone() for k, v in m.state_dict().items()}
+
+    got = run_threads(3, rank)
+    for r in (1, 2):
+        for k, v in got[0].items():
+            assert torch.equal(v, got[r][k]) == (k != "steps"), (r, k)
 
 
 class TwoHeads(torch.nn.Module):

@@ -3,7 +3,7 @@ way with PyTorch DDP (gloo). Started by torchrun, or by TorchDistributor (peers/
 
     torchrun --nproc_per_node 2 scripts/peers/ddp_train.py conf/bench_mlp.yaml --steps 100
 
-Prints one JSON line on rank 0: {"steady_samples_per_sec": ...}.
+Prints one JSON line on rank 0: {"steady_samples_per_sec": ..., "peak_rss_mb": ...}.
 """
 
 import argparse
@@ -15,8 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def train(config_path: str, steps: int, warmup: int = 5, threads: int = 1) -> float:
-    """A plain DDP loop; returns steady-state samples/s (all ranks), on every rank."""
+def train(config_path: str, steps: int, warmup: int = 5, threads: int = 1) -> tuple[float, float]:
+    """A plain DDP loop; returns steady-state samples/s (all ranks) and the largest peak RSS
+    of any rank (MB), on every rank."""
+    import resource
+
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -49,8 +52,10 @@ def train(config_path: str, steps: int, warmup: int = 5, threads: int = 1) -> fl
         F.cross_entropy(model(x), y).backward()
         opt.step()
     elapsed = time.perf_counter() - t0
+    rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MB (Linux: KiB)
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     dist.destroy_process_group()
-    return steps * local_batch * world / elapsed
+    return steps * local_batch * world / elapsed, rss.item()
 
 
 if __name__ == "__main__":
@@ -62,6 +67,6 @@ if __name__ == "__main__":
     a = p.parse_args()
     import os
 
-    sps = train(a.config, a.steps, a.warmup, a.threads)
+    sps, rss = train(a.config, a.steps, a.warmup, a.threads)
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"steady_samples_per_sec": sps}))
+        print(json.dumps({"steady_samples_per_sec": sps, "peak_rss_mb": rss}))

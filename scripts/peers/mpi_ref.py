@@ -12,6 +12,7 @@
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -88,8 +89,9 @@ for step in range(a.steps + a.warmup):
     opt.step()
 elapsed = time.perf_counter() - t0
 rates = comm.gather(a.steps * local / elapsed)
+rss = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MB (Linux: KiB)
 if rank == 0:
-    out = {"steady_samples_per_sec": sum(rates)}
+    out = {"steady_samples_per_sec": sum(rates), "peak_rss_mb": max(rss)}
     if a.mode == "bare":
         out.update(loop_ms=1000 * statistics.median(loop_s[a.warmup:]),
                    step_ms=1000 * statistics.median(allreduce_s[a.warmup:]), bytes=flat.numel() * 4)

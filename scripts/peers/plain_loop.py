@@ -6,6 +6,7 @@ and batch, all cores. dist-train's local mode should be within 5% of it.
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -40,4 +41,5 @@ for step in range(a.steps + a.warmup):
     opt.zero_grad()
     F.cross_entropy(model(torch.from_numpy(ds.x[idx])), torch.from_numpy(ds.y[idx])).backward()
     opt.step()
-print(json.dumps({"steady_samples_per_sec": a.steps * b / (time.perf_counter() - t0)}))
+print(json.dumps({"steady_samples_per_sec": a.steps * b / (time.perf_counter() - t0),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -3,7 +3,7 @@ peers/ddp_train.py on 2 Spark tasks (local[2]), as a Spark user would.
 
     python scripts/peers/torch_distributor.py conf/bench_mlp.yaml --steps 100
 
-Prints one JSON line: steady-state samples/s and this process's wall time.
+Prints one JSON line: steady-state samples/s, the tasks' largest peak RSS and this process's wall time.
 """
 
 import argparse
@@ -34,10 +34,11 @@ def main():
 
     spark = SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false").getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
-    sps = TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(
+    sps, rss = TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(
         ddp_train.train, str(ROOT / a.config), a.steps)
     spark.stop()
-    print(json.dumps({"steady_samples_per_sec": sps, "wall_seconds": time.perf_counter() - START}))
+    print(json.dumps({"steady_samples_per_sec": sps, "peak_rss_mb": rss,
+                      "wall_seconds": time.perf_counter() - START}))
 
 
 if __name__ == "__main__":
