@@ -104,7 +104,7 @@ def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
         sec, timed = s["seconds_mean_over_workers"], max(s["steps_run"] - 1, 1)  # mean over workers
         return {"sps": s["steady_samples_per_sec"], "wall": wall, "comm_ms": 1000 * sec["comm"] / timed,
                 "wait_ms": 1000 * sec["wait"] / timed, "data_pct": 100 * sec["data"] / sum(sec.values()),
-                "rss_mb": s["peak_rss_mb"], "grad_mb": s["grad_bytes"] / 2**20}
+                "rss_mb": s["peak_rss_mb"], "grad_bytes": s["grad_bytes"]}
 
 
 def peer(cmd: list, timeout: int = 240) -> dict:
@@ -166,7 +166,7 @@ def interleaved(fns: dict, reps: int) -> dict:
 def median_of(runs: list, hung: int) -> dict:
     if not runs:
         return {"sps": float("nan"), "wall": float("nan"), "comm_ms": float("nan"), "wait_ms": float("nan"),
-                "data_pct": float("nan"), "rss_mb": float("nan"), "grad_mb": float("nan"), "hung": hung}
+                "data_pct": float("nan"), "rss_mb": float("nan"), "grad_bytes": float("nan"), "hung": hung}
     return {**{k: statistics.median(r[k] for r in runs) for k in runs[0]}, "hung": hung}
 
 
@@ -206,7 +206,7 @@ def table(rows, reps: int) -> str:
 def _memory(ours: dict, ceiling: dict) -> str:
     """Issue 5's memory rule: no more than one extra copy of the parameters plus gradients
     beyond what PyTorch itself holds (the no-sync peer: the same model, SGD and batches)."""
-    limit = ceiling["rss_mb"] + 2 * ours["grad_mb"]
+    limit = ceiling["rss_mb"] + 2 * ours["grad_bytes"] / 2**20
     verdict = "met" if ours["rss_mb"] <= limit else "NOT met"
     return f"{ours['rss_mb']:,.0f} / {ceiling['rss_mb']:,.0f} (<= {limit:,.0f}: {verdict})"
 
@@ -242,7 +242,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--workloads", default="mlp,lenet,wide")
-    p.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.png (default docs/bench[-quick])")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write OUT.md, OUT.json and OUT.png (default docs/bench[-quick])")
     args = p.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     rows = []
@@ -259,6 +260,10 @@ def main() -> None:
     out = args.out or ROOT / "docs" / ("bench-quick" if args.quick else "bench")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(  # the medians, for scripts/cost_model.py
+        {"reps": reps, "quick": args.quick, "workloads": {
+            w: {"rows": res, "bare_allreduce_ms": {"loop": bare[0], "between_steps": bare[1]}}
+            for w, res, bare in rows}}, indent=1) + "\n")
     try:
         chart(rows, out.with_suffix(".png"))
     except ImportError:

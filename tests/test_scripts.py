@@ -1,0 +1,27 @@
+"""The benchmark's companions: the cost model reads what scripts/bench.py wrote."""
+
+import json
+import sys
+
+from .helpers import ROOT, ok, run
+
+ROW = {"sps": 1.0, "comm_ms": 0.0, "grad_bytes": 0}
+
+
+def test_the_cost_model_predicts_from_the_bench_results(tmp_path):
+    """10 ms of compute a local batch of 64 (no-sync: 2 x 6,400 samples/s), 10 MB of gradients,
+    1 ms exchange: a ring of 8 at 10 GB/s and 10 us a hop takes 2 x 7/8 x 1 ms + 14 x 10 us."""
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"workloads": {"toy": {"rows": {
+        "nosync-2": {**ROW, "sps": 12800.0},
+        "mpi-2": {**ROW, "sps": 11000.0, "comm_ms": 1.0, "grad_bytes": 10_000_000}}}}}))
+    p = ok(run([sys.executable, ROOT / "scripts/cost_model.py", "--bench", bench], timeout=60))
+    row = next(line for line in p.stdout.splitlines() if line.startswith("| toy |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["10.0", "10.0", "11,636 / 11,000"]  # 2 x 64 / 11 ms
+    assert cells[4] == "1.89, 84%, 43,061"  # 1.75 + 0.14 ms; 10 / 11.89; 8 x 64 / 11.89 ms
+
+
+def test_the_cost_model_without_bench_results_says_so(tmp_path):
+    p = run([sys.executable, ROOT / "scripts/cost_model.py", "--bench", tmp_path / "none.json"], timeout=60)
+    assert p.returncode == 1 and "run scripts/bench.py first" in p.stderr and p.stderr.count("\n") == 1
