@@ -133,6 +133,9 @@ KEYS: tuple[Key, ...] = (
     Key("comm.shard_optimizer", bool, True, "with comm.shm on one host: parameters held once in shared memory, "
         "each worker steps only its part (same weights; optimizer work and state split among the workers); "
         "false for a model that changes its own parameters outside the optimizer"),
+    Key("comm.shard_optimizer_min_mb", float, 16.0, "comm.shard_optimizer only for models of at least this many "
+        "MB of parameters (smaller: the step is short and sharing the parameters between cores costs more)",
+        check=_non_negative),
     # spark
     Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
     Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",

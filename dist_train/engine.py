@@ -144,7 +144,8 @@ def fit(cfg, comm, data: WorkerData, *, out_dir=None, resume: bool = False, laun
         pos = _restore(ckpt, model, optimizer, cfg, comm.world_size)
     _agree_on_start(comm, pos.step, device)
     broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights
-    optimizer = hoststep.share(comm, grads, optimizer, cfg.comm.shard_optimizer)  # dist: one host steps in parts
+    optimizer = hoststep.share(comm, grads, optimizer, cfg.comm.shard_optimizer,  # dist: one host steps in parts
+                               min_bytes=cfg.comm.shard_optimizer_min_mb * 2**20)
     writer.start_metrics(pos.step if ckpt is not None else None)
     writer.log(f"[dist-train] {launcher}: world {comm.world_size}, device {device}, "
                f"threads {threads or torch.get_num_threads()}, {data.n} rows, "

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launchers"))
 import torch  # noqa: E402
 from mpi import MPI, MPIComm  # noqa: E402
 
-from dist_train import shm  # noqa: E402
+from dist_train import gradsync, shm  # noqa: E402
 
 world = MPI.COMM_WORLD
 hosts = int(sys.argv[1])
@@ -30,6 +30,13 @@ for step in range(3):
 other = torch.full((7,), float(rank))
 comm.allreduce(other)  # any other tensor: plain MPI
 out["other"] = other[0].item()
+model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 3))  # 4 MB: in place; the rest packed
+model.register_buffer("stats", torch.zeros(2, dtype=torch.float64))
+with torch.no_grad():
+    for t in model.state_dict().values():
+        t.fill_(rank + 1.0)
+gradsync.broadcast_parameters(comm, model)  # rank 0's: 1.0 everywhere
+out["broadcast"] = sorted({v for t in model.state_dict().values() for v in (t.min().item(), t.max().item())})
 comm.close()
 results = world.gather(out)
 if rank == 0:

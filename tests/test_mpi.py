@@ -126,7 +126,7 @@ def test_the_host_sharded_optimizer_step_is_bit_for_bit_the_plain_one(n, optimiz
     first weight), held once in shared memory. The same weights and checkpointed optimizer
     state as every rank stepping all of them, and a checkpoint of either resumes under the other."""
     sets = ["model.hidden=[40,24]", "train.log_every=0", "train.epochs=2", "checkpoint.every_steps=7",
-            "train.weight_decay=0.001"] + (["train.optimizer=adam", "train.momentum=0", "train.lr=0.01"]
+            "train.weight_decay=0.001", "comm.shard_optimizer_min_mb=0"] + (["train.optimizer=adam", "train.momentum=0", "train.lr=0.01"]
                                            if optimizer == "adam" else [])
     mode = {"on": [], "off": ["comm.shard_optimizer=false"]}
     second = "off" if first == "on" else "on"
@@ -153,7 +153,8 @@ def test_the_host_sharded_optimizer_step_is_bit_for_bit_the_plain_one(n, optimiz
 @pytest.mark.parametrize("n,hosts", [(3, 1), (4, 2), (3, 2)], ids=["one-host", "two-by-two", "two-and-one"])
 def test_the_shared_memory_gradient_buffer_sums_within_and_across_hosts(n, hosts):
     """MPIComm with its ranks posed as `hosts` hosts: shared memory within each, part i of the
-    buffer across hosts by local rank i; every rank ends with the same mean gradients."""
+    buffer across hosts by local rank i; every rank ends with the same mean gradients.
+    And rank 0's parameters reach every rank, in place and packed."""
     cmd = [BIN / "mpirun", "-n", n, "--bind-to", "none", "--oversubscribe"] + (["--allow-run-as-root"] if IS_ROOT else [])
     p = ok(run(cmd + [sys.executable, ROOT / "tests/mpi_hosts_worker.py", hosts], timeout=60))
     results = json.loads(p.stdout.strip().splitlines()[-1])
@@ -165,6 +166,7 @@ def test_the_shared_memory_gradient_buffer_sums_within_and_across_hosts(n, hosts
             assert [first, second, third, count] == [0.0, (step + 1) / 2, step + 1, 2 * s], (rank, out)
             assert total == pytest.approx((step + 1) * 5000 * 4999 / 4)
         assert out["other"] == sum(range(n))
+        assert out["broadcast"] == [1.0], (rank, out["broadcast"])  # rank 0's parameters and buffers
 
 
 def test_step_times_are_averaged_over_ranks_and_waiting_is_told_apart(tmp_path):

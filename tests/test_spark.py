@@ -36,11 +36,15 @@ def spark():
 
 
 def test_spark_gives_the_same_weights_as_mpi(spark, tmp_path):
-    L.train(spark, ROOT / "conf/digits.yaml", sets=[*SMALL, "spark.workers=2"], out_dir=tmp_path / "spark")
+    """Spark with the host-sharded step (forced on for this small model), MPI without it."""
+    L.train(spark, ROOT / "conf/digits.yaml", sets=[*SMALL, "spark.workers=2", "comm.shard_optimizer_min_mb=0"],
+            out_dir=tmp_path / "spark")
     ok(mpirun(2, "conf/digits.yaml", tmp_path / "mpi", *SMALL))
     assert_same_weights(tmp_path / "spark", tmp_path / "mpi")
     s = json.loads((tmp_path / "spark" / "summary.json").read_text())
     assert s["launcher"] == "spark" and s["world_size"] == 2
+    assert s["optimizer_parts"] == 2
+    assert json.loads((tmp_path / "mpi" / "summary.json").read_text())["optimizer_parts"] == 1
     assert {"model.pt", "summary.json", "metrics.jsonl", "checkpoints"} <= {p.name for p in (tmp_path / "spark").iterdir()}
 
 
@@ -119,7 +123,7 @@ def test_nan_on_one_task_stops_the_job_naming_step_and_rank(spark):
 
 def test_driver_retries_from_the_newest_checkpoint(spark, tmp_path, capsys):
     common = ["train.epochs=3", "spark.workers=2", "checkpoint.every_steps=5", "model.target=tests.faulty:model",
-              "train.log_every=0"]
+              "train.log_every=0", "comm.shard_optimizer_min_mb=0"]  # the split step's checkpoints too
     L.train(spark, ROOT / "conf/digits.yaml", sets=[*common, "model.kwargs={fail_rank: 9}"],
             out_dir=tmp_path / "clean")
     marker = tmp_path / "failed-once"
