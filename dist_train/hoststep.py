@@ -212,6 +212,7 @@ class HostStep:
                     out[i][key] = value.clone() if isinstance(value, torch.Tensor) else value
         return out
 
+
 def _tensor(segment, dtype: torch.dtype, start: int, n: int) -> torch.Tensor:
     """Elements [start, start + n) of `segment` as a flat tensor of its own storage."""
     np_dtype = np.dtype(shm.GRAD_DTYPES[dtype])
