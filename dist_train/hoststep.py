@@ -53,7 +53,8 @@ def share(comm, grads, optimizer: torch.optim.Optimizer, enabled: bool, min_byte
     parameters every core reads and half of them writes each step cost cross-core traffic.
     On this project's 2-core machine the 2.7 MB MLP ran either like the private step or,
     in most runs of some periods, 20% slower (copying a part into the next buffer 0.09 ->
-    0.4-0.5 ms, forward and backward 5-30% slower); the 80 MB wide MLP gained 4-5%."""
+    0.4-0.5 ms, forward and backward 5-30% slower; the state switches within a run, so it
+    belongs to the host, not to where the run's memory landed); the 80 MB wide MLP gained 4-5%."""
     shared = getattr(comm, "shared", None)
     if not enabled or shared is None or comm.hosts != 1 or not same_memory(grads.flat, shared.mine) \
             or grads.nbytes < min_bytes:
