@@ -106,10 +106,7 @@ def read_verified(path: Path) -> dict:
     if not sums.exists():
         raise UserError(f"checkpoint {path} has no checksum file (its write did not finish)")
     with open(path, "rb") as f:  # hashed, then loaded, from the same open file
-        sha = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-        if sha.hexdigest() != sums.read_text().strip():
+        if hashlib.file_digest(f, "sha256").hexdigest() != sums.read_text().strip():
             raise UserError(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
         f.seek(0)
         try:

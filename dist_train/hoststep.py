@@ -106,9 +106,7 @@ def _open_segment(comm, n: int, dtype: torch.dtype):
     usable = comm.agree(ok) and created
     if segment is not None and comm.local_rank == 0:
         os.unlink(path)  # mapped by every worker (or given up): nothing left behind after a crash
-    if not usable:
-        return None
-    return segment, [0, stride]
+    return (segment, stride) if usable else None
 
 
 class HostStep:
@@ -118,7 +116,8 @@ class HostStep:
     def __init__(self, comm, grads, plain: torch.optim.Optimizer, cuts: list[int], segment):
         self.shared, self.plain = comm.shared, plain
         self.params = grads.params
-        self._segment, starts = segment
+        self._segment, stride = segment
+        starts = [0, stride]  # the two buffers, in elements
         flat = _tensor(self._segment, grads.flat.dtype, 0, starts[1] + grads.n)
         self.bufs = [flat[at:at + grads.n] for at in starts]
         self.lo, self.hi = cuts[comm.local_rank], cuts[comm.local_rank + 1]
