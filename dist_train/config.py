@@ -124,18 +124,12 @@ KEYS: tuple[Key, ...] = (
     Key("checkpoint.every_steps", int, 0, "write a checkpoint every N steps (0: only at the end)", check=_non_negative),
     Key("checkpoint.keep", int, 3, "how many checkpoints to keep", check=_positive),
     # comm
-    Key("comm.timeout_s", float, 300.0, "seconds a collective may wait for a peer before the job fails",
-        check=_positive),
+    Key("comm.timeout_s", float, 300.0, "seconds a worker may stall or go silent (and a collective wait for it) "
+        "before the job fails, naming it", check=_positive),
     Key("comm.check_every_steps", int, 100, "compare a checksum of the parameters across workers every N steps "
         "and stop if they drifted apart (0: never)", check=_non_negative),
     Key("comm.shm", bool, True, "workers on one host sum gradients in shared memory; MPI or gloo only "
         "between hosts (x86-64 Linux; false or elsewhere: MPI Allreduce / gloo throughout)"),
-    Key("comm.shard_optimizer", bool, True, "with comm.shm on one host: parameters held once in shared memory, "
-        "each worker steps only its part (same weights; optimizer work and state split among the workers); "
-        "false for a model that changes its own parameters outside the optimizer"),
-    Key("comm.shard_optimizer_min_mb", float, 16.0, "comm.shard_optimizer only for models of at least this many "
-        "MB of parameters (smaller: the step is short and sharing the parameters between cores costs more)",
-        check=_non_negative),
     # spark
     Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
     Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",

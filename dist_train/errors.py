@@ -1,15 +1,22 @@
-"""The errors a user can cause, kept apart from bugs.
+"""The kinds of failure, as exceptions. What each one costs (exit code, message, whether
+every worker is aborted) is decided in one place: failures.py.
 
-A `UserError` is bad input (config, data file, model path, checkpoint): the
-command-line entry points print its message as one line and exit with code 2,
-without a traceback. Anything else is a bug or a fault and keeps its traceback.
+- `UserError`: bad input the user can fix (config, data file, model path, checkpoint,
+  an --out in use); its message is one line.
+- `TrainingError`: training cannot go on (non-finite loss, parameters drifted apart);
+  every worker raises it at the same step, so no one is left waiting.
+- `PeerFailure`: another worker died, stalled or left; this worker's failure is a
+  consequence of it, and the message names that other worker.
 """
 
 
 class UserError(Exception):
-    """Bad input that the user can fix; its message is one line."""
+    """Bad input that the user can fix; its message is one line.
 
-    exit_code = 2
+    `collective`: every worker raises it at the same point (a check all of them made
+    together), so no worker needs to be aborted."""
+
+    collective = False
 
 
 class ConfigError(UserError):
@@ -27,6 +34,25 @@ class DataError(UserError):
         super().__init__(f"data error: {problem}")
 
 
+class StartMismatch(UserError):
+    """Workers started with different configs, data or checkpoints (found by all of them
+    together, before any buffer is sized)."""
+
+    collective = True
+
+
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, workers out of step); every worker raises it at
-    the same step, so no one is left waiting."""
+    """Training cannot go on (non-finite loss, workers out of step); every worker raises it
+    at the same step, so no one is left waiting."""
+
+    collective = True
+
+
+class PeerFailure(RuntimeError):
+    """Another worker died, stalled or left: this worker fails because of it."""
+
+
+def first_line(e: BaseException, limit: int = 500) -> str:
+    """The first non-empty line of an exception's message, or its type's name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(e).__name__

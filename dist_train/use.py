@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -20,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config, data, models, runtime
+from . import config, data, device, models
 from .comm import LocalComm
-from .engine import WorkerData, evaluate
-from .errors import DataError, UserError
-from .losses import predict as to_predictions
-from .outputs import load_model_file
+from .data import WorkerData
+from .errors import DataError, UserError, first_line
+from .files import atomic
+from .launchers.common import find_executable
+from .train.evaluate import evaluate
+from .train.losses import predict as to_predictions
+from .train.outputs import load_model_file
 
 
 def load_run(run_dir: str | Path):
@@ -37,7 +39,7 @@ def load_run(run_dir: str | Path):
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
-        raise UserError(f"{run_dir}: model.pt does not match its own config: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{run_dir}: model.pt does not match its own config: {first_line(e)}") from None
     return cfg, model.eval(), meta
 
 
@@ -95,10 +97,8 @@ def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_
     pred = np.concatenate(preds) if preds else np.zeros(0)
     column = pa.array(pred) if pred.ndim == 1 else pa.array(list(pred))
     table = pa.table({"row": np.arange(len(x), dtype=np.int64), "prediction": column})
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)  # atomic, like every other output
+    with atomic(out) as f:  # like every other output
+        pq.write_table(table, f)
     return len(x)
 
 
@@ -112,33 +112,27 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> 
 
     cfg, model, meta = load_run(run_dir)
     out = Path(out) if out else Path(run_dir) / f"model{EXPORT_SUFFIX[fmt]}"
-    tmp = out.with_name(f".{out.name}.tmp")
     example = torch.zeros(2, *meta["sample_shape"])
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic(out) as f, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # torch.jit and the TorchScript-based ONNX exporter warn that they age
             if fmt == "torchscript":
                 try:
                     scripted = torch.jit.script(model)  # keeps control flow
                 except Exception:  # noqa: BLE001 - not scriptable: record the ops one batch runs
                     scripted = torch.jit.trace(model, example)
-                scripted.save(str(tmp))
+                torch.jit.save(scripted, f)
             else:
-                torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17,
+                torch.onnx.export(model, (example,), f, dynamo=False, opset_version=17,
                                   input_names=["x"], output_names=["y"],
                                   dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     except Exception as e:  # noqa: BLE001 - one line naming the model and the cause
-        tmp.unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot export {cfg.model.target or cfg.model.name} to {fmt}: {first}") from None
-    os.replace(tmp, out)
+        raise UserError(f"cannot export {cfg.model.target or cfg.model.name} to {fmt}: {first_line(e)}") from None
     return out
 
 
 def info() -> dict:
     """What a bug report needs: versions, threads, MPI and Spark, devices."""
-    from .cli import find_executable
-
     def version(pkg):
         try:
             return importlib.metadata.version(pkg)
@@ -160,7 +154,7 @@ def info() -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "cores_available": runtime.host_cores(),
+        "cores_available": device.host_cores(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "mpi4py": version("mpi4py"),
         "mpirun": mpirun,

@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_train import losses, models, sharding
+from dist_train import models
 from dist_train.comm import Communicator
+from dist_train.data import sharding
+from dist_train.launchers.mpi import command as mpirun_command
+from dist_train.train import losses
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -47,12 +50,15 @@ def local(config, out, *sets, resume=False, timeout=120):
                 *[a for s in sets for a in ("--set", s)]] + (["--resume"] if resume else []), timeout=timeout)
 
 
+def mpirun_cmd(n, program, extra=()) -> list[str]:
+    """The project's one mpirun command line (dist_train.launchers.mpi.command), oversubscribed."""
+    return mpirun_command(n, [str(c) for c in program], ["--oversubscribe", *extra])
+
+
 def mpirun(n, config, out, *sets, extra=(), resume=False, timeout=120):
-    cmd = [BIN / "mpirun", "-n", n, "--bind-to", "none", "--oversubscribe"]
-    cmd += ["--allow-run-as-root"] if IS_ROOT else []
-    cmd += [*extra, sys.executable, ROOT / "launchers/mpi.py", config, "--out", out]
-    cmd += [a for s in sets for a in ("--set", s)] + (["--resume"] if resume else [])
-    return run(cmd, timeout=timeout)
+    program = [sys.executable, ROOT / "launchers/mpi.py", config, "--out", out]
+    program += [a for s in sets for a in ("--set", s)] + (["--resume"] if resume else [])
+    return run(mpirun_cmd(n, program, extra), timeout=timeout)
 
 
 def weights(out_dir) -> dict[str, torch.Tensor]:
@@ -95,11 +101,19 @@ class ThreadComm(Communicator):
     def broadcast(self, buf, root=0):
         buf.copy_(self._exchange(buf)[root])
 
-    def barrier(self):
-        self.shared["barrier"].wait()
 
-    def abort(self, code=1):
-        raise SystemExit(code)
+class PosedComm(Communicator):
+    """Rank `rank` of a world of `world` whose collectives are the identity (plumbing only:
+    the buffers of a world of several, without the peers)."""
+
+    def __init__(self, rank=0, world=2):
+        self.rank, self.world_size = rank, world
+
+    def allreduce(self, buf):
+        pass
+
+    def broadcast(self, buf, root=0):
+        pass
 
 
 def run_threads(world: int, fn):
@@ -142,3 +156,15 @@ def oracle_sgd(cfg, ds, outputs, world: int) -> dict[str, torch.Tensor]:
             (losses.loss_sum(cfg.train.loss, model(x), y) / len(rows)).backward()
             opt.step()
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def in_shared_memory(t: torch.Tensor) -> bool:
+    """Does `t` lie in a dist-train segment of /dev/shm (mapped, its file already unlinked)?"""
+    address = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            lo, hi = (int(v, 16) for v in span.split("-"))
+            if lo <= address < hi:
+                return "/dev/shm/dist-train-" in line
+    return False

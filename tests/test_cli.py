@@ -6,28 +6,29 @@ import pytest
 
 from dist_train import cli
 from dist_train.errors import UserError
+from dist_train.launchers import common, mpi
 
 from .helpers import BIN, ok, run
 
 
 def test_mpirun_command_adds_the_flags_people_forget():
-    cmd = cli.mpirun_command(4, ["c.yaml"], [], cores=2, is_root=True)
+    cmd = mpi.command(4, ["c.yaml"], [], cores=2, is_root=True)
     assert cmd[1:5] == ["-n", "4", "--bind-to", "none"]
     assert "--oversubscribe" in cmd and "--allow-run-as-root" in cmd
-    cmd = cli.mpirun_command(2, ["c.yaml"], ["--host", "a,b"], cores=8, is_root=False)
+    cmd = mpi.command(2, ["c.yaml"], ["--host", "a,b"], cores=8, is_root=False)
     assert "--oversubscribe" not in cmd and "--allow-run-as-root" not in cmd
     assert cmd[cmd.index("--host") + 1] == "a,b" and cmd[-1] == "c.yaml"
 
 
 def test_active_environment_mpirun_is_found_first():
     if (BIN / "mpirun").exists():
-        assert cli.find_executable("mpirun") == str(BIN / "mpirun")
+        assert common.find_executable("mpirun") == str(BIN / "mpirun")
 
 
 def test_missing_mpirun_is_one_line(monkeypatch):
-    monkeypatch.setattr(cli, "find_executable", lambda name: None)
+    monkeypatch.setattr(mpi, "find_executable", lambda name: None)
     with pytest.raises(UserError, match="no mpirun found: install one with"):
-        cli.mpirun_command(2, [], [])
+        mpi.command(2, [], [])
 
 
 def test_unknown_subcommand_and_bad_n(capsys):
@@ -48,7 +49,7 @@ def test_config_reference_lists_every_key(capsys):
 def test_dist_train_mpi_runs_and_prints_its_command(tmp_path):
     p = ok(run([BIN / "dist-train", "mpi", "-n", "3", "conf/xor.yaml", "--out", tmp_path / "x",
                 "--set", "train.epochs=300"]))
-    assert "+ " in p.stderr and "--bind-to none" in p.stderr and "launchers/mpi.py" in p.stderr
+    assert "+ " in p.stderr and "--bind-to none" in p.stderr and "-m dist_train.launchers.mpi" in p.stderr
     s = json.loads((tmp_path / "x" / "summary.json").read_text())
     assert s["world_size"] == 3 and s["eval"]["accuracy"] == 1.0
     # mpirun gives rank 0 a pty, but our output is a pipe: plain lines, no progress bar

@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-from dist_train import gradsync, losses, models
+from dist_train import models
 from dist_train.comm import LocalComm
-from dist_train.gradsync import FusedGrads, broadcast_parameters, parameter_checksums
+from dist_train.train import gradsync, losses
+from dist_train.train.gradsync import FusedGrads, broadcast_parameters, parameter_checksums
 
-from .helpers import run_threads
+from .helpers import PosedComm, run_threads
 
 
 def make_model():
@@ -34,17 +35,17 @@ def test_allreduced_gradient_equals_full_batch_gradient(sizes):
 
     def rank(comm):
         m = copy.deepcopy(model)
-        fused = FusedGrads(m)
+        fused = FusedGrads(m, comm)
         fused.zero()
         xs, ys = x[bounds[comm.rank]:bounds[comm.rank + 1]], y[bounds[comm.rank]:bounds[comm.rank + 1]]
         loss, right = 0.0, 0
         if len(xs):
             out = m(xs)
             loss = losses.loss_sum("cross_entropy", out, ys)
-            loss.backward()
+            (loss / len(x)).backward()  # scaled by 1 / the global count before backward, as the step does
             right = losses.correct("cross_entropy", out, ys)
-        stats = fused.sync(comm, len(xs), loss.detach() if len(xs) else 0.0, right, False)
-        return fused.grads.clone(), stats
+        stats = fused.sync(comm, len(xs), loss.detach() if len(xs) else 0.0, right)
+        return torch.cat([p.grad.reshape(-1) for p in m.parameters()]), stats
 
     full_loss = float(losses.loss_sum("cross_entropy", model(x), y).detach()) / len(x)
     for grads, stats in run_threads(len(sizes), rank):
@@ -55,24 +56,28 @@ def test_allreduced_gradient_equals_full_batch_gradient(sizes):
 
 def test_grads_are_views_into_the_flat_buffer():
     model = make_model()
-    fused = FusedGrads(model)
+    fused = FusedGrads(model, PosedComm())
     model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
-    assert fused.grads.abs().sum() > 0
+    assert fused.flat[:fused.n].abs().sum() > 0
     for p in model.parameters():
         assert p.grad.untyped_storage().data_ptr() == fused.flat.untyped_storage().data_ptr()
     fused.zero()
     assert all(p.grad.abs().sum() == 0 for p in model.parameters())
 
 
-def test_more_flag_is_or_over_workers():
+def test_non_finite_losses_are_flagged_with_their_ranks_and_the_samples_summed():
     model = make_model()
 
     def rank(comm):
-        fused = FusedGrads(copy.deepcopy(model))
+        fused = FusedGrads(copy.deepcopy(model), comm)
         fused.zero()
-        return fused.sync(comm, 1, 0.0, 0, more=comm.rank == 2).more
+        loss = float("nan") if comm.rank in (1, 3) else 1.5
+        return fused.sync(comm, comm.rank + 1, loss, comm.rank, arrived=0.1 * comm.rank)
 
-    assert run_threads(3, rank) == [True, True, True]
+    for r, stats in enumerate(run_threads(4, rank)):
+        assert stats.nonfinite_ranks == (1, 3) and stats.loss != stats.loss  # NaN
+        assert stats.count == 10 and stats.correct == 6
+        assert stats.waited == pytest.approx(0.3 - 0.1 * r)  # from the last one's arrival, told apart on every rank
 
 
 def test_broadcast_makes_parameters_equal_to_rank_0():
@@ -135,6 +140,7 @@ def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro, wo
         for in_place in (True, False):
             m = copy.deepcopy(model)
             fused = FusedGrads(m, comm, grads_in_place=in_place, in_place_min_bytes=0)
+            scale = 1.0 / (5 * micro * comm.world_size)  # 1 / the global count
             opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
             gen = torch.Generator().manual_seed(10 + comm.rank)
             flats = []
@@ -143,8 +149,8 @@ def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro, wo
                 for _ in range(micro):
                     x, y = torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 6, (5,), generator=gen)
                     loss = losses.loss_sum("cross_entropy", m(x, both=step < 2), y)
-                    (loss * fused.loss_scale(5 * micro)).backward()
-                fused.sync(comm, 5 * micro, 0.0, 0, True)
+                    (loss * scale).backward()
+                fused.sync(comm, 5 * micro, 0.0, 0)
                 flats.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
                 opt.step()
             got[in_place] = (flats, [p.detach().clone() for p in m.parameters()], len(fused.in_place))
@@ -161,7 +167,7 @@ def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro, wo
 def test_a_shared_parameter_keeps_autograd_accumulating():
     tied = torch.nn.Sequential(models.Linear(4, 4), torch.nn.Tanh(), models.Linear(4, 4))
     tied[2].weight = tied[0].weight  # also gets a gradient through the other layer
-    fused = FusedGrads(tied, in_place_min_bytes=0)
+    fused = FusedGrads(tied, PosedComm(), in_place_min_bytes=0)
     assert fused.in_place == []
     x = torch.randn(3, 4)
     tied(x).sum().backward()
@@ -174,9 +180,9 @@ def test_a_shared_parameter_keeps_autograd_accumulating():
 
 def test_only_layers_large_enough_to_pay_write_in_place():
     mlp = models.mlp(784, [512, 512], 10)  # 1.6 MB, 1 MB and 20 KB weights
-    assert [m.out_features for m in FusedGrads(copy.deepcopy(mlp)).in_place] == [512, 512]
+    assert [m.out_features for m in FusedGrads(copy.deepcopy(mlp), PosedComm()).in_place] == [512, 512]
     assert FusedGrads(copy.deepcopy(mlp), LocalComm()).in_place == []  # a world of one: below 32 MB
-    assert FusedGrads(copy.deepcopy(mlp), grads_in_place=False).in_place == []
+    assert FusedGrads(copy.deepcopy(mlp), PosedComm(), grads_in_place=False).in_place == []
 
 
 def test_parameter_checksums_change_with_one_ulp_of_any_parameter():

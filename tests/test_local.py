@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dist_train import checkpoint, config, data
+from dist_train import config, data
 from dist_train.comm import LocalComm
-from dist_train.engine import WorkerData, fit
-from launchers import local
+from dist_train.data import WorkerData
+from dist_train.launchers import local
+from dist_train.train import checkpoint, fit
 
 from .helpers import ROOT, local as run_local, ok, weights
 
@@ -85,7 +86,7 @@ def test_killed_checkpoint_write_leaves_the_previous_one(tmp_path):
     code = f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-from dist_train import checkpoint
+from dist_train.train import checkpoint
 checkpoint.save({str(d)!r}, 1, {{"step": 1}}, keep=3)
 os.fsync = lambda fd: os._exit(9)   # die in the middle of the next write
 checkpoint.save({str(d)!r}, 2, {{"step": 2}}, keep=3)
@@ -162,43 +163,3 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
     assert [e.step for e in got] == [r["step"] for r in logged]
     assert [e.value for e in got] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
     assert {"step/lr", "step/accuracy", "step/compute_ms", "step/comm_ms", "epoch/loss"} <= set(board.Tags()["scalars"])
-
-
-class _LatePeerComm(LocalComm):
-    """Rank 0 of 2 whose peer is late at every exchange, so the exchange runs its idle work
-    (the next batch) when `run_idle`; the sums are the identity (the weights are rank 0's)."""
-
-    world_size = 2
-
-    def __init__(self, run_idle: bool):
-        self.run_idle, self.idled = run_idle, 0
-
-    def allreduce_mean(self, buf, count_at, idle=None):
-        if idle is not None and self.run_idle:
-            idle()
-            self.idled += 1
-        super().allreduce_mean(buf, count_at)
-
-
-def test_batches_gathered_while_waiting_for_peers_train_the_same_weights():
-    cfg = config.load(ROOT / "conf/digits.yaml", ["train.epochs=2", "train.accumulate=2", "model.hidden=[16]",
-                                                  "train.log_every=0"])
-    ds = data.load(cfg)
-
-    class Counted(WorkerData):
-        gathers = 0
-
-        def batch(self, rows, device):
-            Counted.gathers += 1
-            return super().batch(rows, device)
-
-    runs = {}
-    for run_idle in (False, True):
-        comm, Counted.gathers = _LatePeerComm(run_idle), 0
-        result = fit(cfg, comm, Counted(ds.x, ds.y, len(ds), 10))
-        runs[run_idle] = ([p.detach().clone() for p in result.model.parameters()], comm.idled, Counted.gathers,
-                          result.summary)
-    (plain, _, gathers, summary), (ahead, idled, gathers_ahead, _) = runs[False], runs[True]
-    assert idled == summary["steps"] - 2  # every step but each epoch's last fetched the next one's batch
-    assert gathers_ahead == gathers  # and used it: no batch gathered twice
-    assert all(torch.equal(a, b) for a, b in zip(plain, ahead))

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from dist_train import config, schedule
+from dist_train import config
+from dist_train.train import schedule
 
 from .helpers import ROOT, weights
-from launchers import local
+from dist_train.launchers import local
 
 
 def t(**sets):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dist_train import sharding
+from dist_train.data import sharding
 
 CASES = [(n, w) for n in (1, 2, 7, 10, 97, 1000) for w in (1, 2, 3, 4, 7)]
 

@@ -1,4 +1,5 @@
-"""Shared-memory allreduce among processes of one host, with gloo between 'hosts'."""
+"""Shared-memory allreduce among processes of one host (shm.HostShm over torch.distributed),
+with gloo between 'hosts'."""
 
 import multiprocessing as mp
 import socket
@@ -6,7 +7,7 @@ import uuid
 
 import pytest
 
-from dist_train import shm
+from dist_train.comm import shm
 
 from . import shm_worker
 
@@ -54,18 +55,8 @@ def test_allreduce_sums_exactly_in_both_dtypes(hosts):
             first, second, third, total, count = out[f"grads {step}"]
             assert [first, second, third, count] == [0.0, (step + 1) / 2, (step + 1), 2 * s]
             assert total == pytest.approx((step + 1) * n * (n - 1) / 4)
-        late = len(hosts) - 1
-        if hosts.count(hosts[rank]) == 1:
-            assert not out["idle work done"], "only a worker that waits for a peer on its host idles"
-            assert out["waited"] == 0.0
-        elif rank == late:  # its peers still idle when its part is done: it does its own idle work then
-            assert out["idle work done"], "a worker waiting for its peers to finish their parts idles"
-            assert out["waited"] >= 0.1, "idle work counts as waiting, wherever it runs"
-        elif hosts[rank] == hosts[late]:
-            assert out["idle work done"], "a worker waiting for a late peer does its idle work meanwhile"
-            assert out["waited"] >= 0.6
         if len(set(hosts)) == 1:  # across hosts gloo picks the order
-            assert out["fractions in slot order"], "((g0 + g1) + g2) / count, bit for bit, on every worker"
+            assert out["fractions in slot order"], "(g0 + g1) + g2, bit for bit, on every worker"
     assert not list(shm.SHM_DIR.glob("dist-train-*")), "segments are unlinked once mapped"
 
 

@@ -16,7 +16,10 @@ import pytest
 from .helpers import BIN, ROOT, assert_same_weights, env, mpirun, ok
 
 pyspark = pytest.importorskip("pyspark")
-from launchers import spark as L  # noqa: E402
+from dist_train import config, data  # noqa: E402
+from dist_train.errors import ConfigError  # noqa: E402
+from dist_train.launchers import spark as L  # noqa: E402
+from dist_train.launchers.spark import feed  # noqa: E402
 
 SMALL = ["train.epochs=2", "model.hidden=[32]", "train.log_every=0"]
 
@@ -36,15 +39,11 @@ def spark():
 
 
 def test_spark_gives_the_same_weights_as_mpi(spark, tmp_path):
-    """Spark with the host-sharded step (forced on for this small model), MPI without it."""
-    L.train(spark, ROOT / "conf/digits.yaml", sets=[*SMALL, "spark.workers=2", "comm.shard_optimizer_min_mb=0"],
-            out_dir=tmp_path / "spark")
+    L.train(spark, ROOT / "conf/digits.yaml", sets=[*SMALL, "spark.workers=2"], out_dir=tmp_path / "spark")
     ok(mpirun(2, "conf/digits.yaml", tmp_path / "mpi", *SMALL))
     assert_same_weights(tmp_path / "spark", tmp_path / "mpi")
     s = json.loads((tmp_path / "spark" / "summary.json").read_text())
     assert s["launcher"] == "spark" and s["world_size"] == 2
-    assert s["optimizer_parts"] == 2
-    assert json.loads((tmp_path / "mpi" / "summary.json").read_text())["optimizer_parts"] == 1
     assert {"model.pt", "summary.json", "metrics.jsonl", "checkpoints"} <= {p.name for p in (tmp_path / "spark").iterdir()}
 
 
@@ -68,22 +67,22 @@ def shard_rows(spark, source, world):
     import pyarrow as pa
 
     def rows(blobs):
-        got = [b.column(L.ROW).to_numpy() for _, blob in blobs for b in pa.ipc.open_stream(pa.py_buffer(blob))]
+        got = [b.column(feed.ROW).to_numpy() for _, blob in blobs for b in pa.ipc.open_stream(pa.py_buffer(blob))]
         yield np.concatenate(got).tolist() if got else []
 
-    return L._shard(spark, source, world).mapPartitions(rows).collect()
+    return feed.shard(spark, source, world).mapPartitions(rows).collect()
 
 
 def test_partitions_hold_exactly_the_shards(spark):
-    cfg = L.config.load(ROOT / "conf/digits.yaml", ["spark.workers=3"])
-    ds = L.data.load(cfg)
+    cfg = config.load(ROOT / "conf/digits.yaml", ["spark.workers=3"])
+    ds = data.load(cfg)
     expected = [list(range(r * 1797 // 3, (r + 1) * 1797 // 3)) for r in range(3)]
-    assert shard_rows(spark, L.dataset_source(spark, cfg, ds, 10), 3) == expected
+    assert shard_rows(spark, feed.dataset_source(cfg, ds, 10), 3) == expected
     import pyarrow as pa
 
     df = spark.createDataFrame(pa.table({"features": list(ds.x.reshape(len(ds), -1)), "label": ds.y})).repartition(5)
     df = df.localCheckpoint()  # a deterministic row order to compare against
-    got = shard_rows(spark, L.dataframe_source(spark, cfg, df), 3)
+    got = shard_rows(spark, feed.dataframe_source(cfg, df), 3)
     assert [sorted(p) for p in got] == expected
 
 
@@ -123,7 +122,7 @@ def test_nan_on_one_task_stops_the_job_naming_step_and_rank(spark):
 
 def test_driver_retries_from_the_newest_checkpoint(spark, tmp_path, capsys):
     common = ["train.epochs=3", "spark.workers=2", "checkpoint.every_steps=5", "model.target=tests.faulty:model",
-              "train.log_every=0", "comm.shard_optimizer_min_mb=0"]  # the split step's checkpoints too
+              "train.log_every=0"]
     L.train(spark, ROOT / "conf/digits.yaml", sets=[*common, "model.kwargs={fail_rank: 9}"],
             out_dir=tmp_path / "clean")
     marker = tmp_path / "failed-once"
@@ -147,10 +146,10 @@ def test_parquet_written_by_spark_streams_several_arrow_batches(spark, tmp_path)
     df.write.parquet(path)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
     try:
-        cfg = L.config.load(ROOT / "conf/xor.yaml", ["data.name=parquet", f"data.path={path}", "spark.workers=2",
-                                                     "data.eval_fraction=0.1", "train.epochs=2"])
-        source = L.parquet_source(spark, cfg)
-        blobs_per_partition = L._shard(spark, source, 2).glom().map(len).collect()
+        cfg = config.load(ROOT / "conf/xor.yaml", ["data.name=parquet", f"data.path={path}", "spark.workers=2",
+                                                   "data.eval_fraction=0.1", "train.epochs=2"])
+        source = feed.parquet_source(spark, cfg)
+        blobs_per_partition = feed.shard(spark, source, 2).glom().map(len).collect()
         assert min(blobs_per_partition) > 1, blobs_per_partition
         sets = ["data.name=parquet", f"data.path={path}", "spark.workers=2", "data.eval_fraction=0.1",
                 "train.epochs=2", "train.optimizer=sgd", "train.lr=0.1"]
@@ -177,7 +176,7 @@ def test_notebook_api_trains_on_a_dataframe(spark):
 
 
 def test_global_sampling_is_refused_under_spark(spark):
-    with pytest.raises(L.ConfigError, match="data.sampling"):
+    with pytest.raises(ConfigError, match="data.sampling"):
         L.train(spark, ROOT / "conf/xor.yaml", sets=["data.sampling=global", "spark.workers=2"])
 
 

@@ -6,10 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dist_train import cli, data, sharding
+from dist_train import cli, data
+from dist_train.data import sharding
 
 from .helpers import ROOT
-from launchers import local
+from dist_train.launchers import local
 
 
 @pytest.fixture(scope="module")

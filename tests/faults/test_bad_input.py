@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dist_train import cli, config, data, validate
+from dist_train import cli, config, data
+from dist_train.train import validate
 from dist_train.errors import UserError
 
 from ..helpers import ROOT, local

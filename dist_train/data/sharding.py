@@ -8,6 +8,8 @@ continues the same order, and there is no `set_epoch` to forget.
   `eval_fraction`. Being per row, Spark tasks decide it for their own partition.
 - Shard r: the rows whose index falls in [r*n/N, (r+1)*n/N) (DESIGN.md invariant 1),
   minus the held-out rows.
+- Sizes: each step's global sample count, `step_samples`, follows from the shard sizes
+  alone, so every worker scales its loss by the same 1 / count before backward.
 - Order: `sampling="shard"`: each worker permutes its own shard with
   rng(seed, epoch, rank) and takes its share of the global batch each step.
   `sampling="global"`: one permutation of all training rows with rng(seed, epoch, 0);
@@ -96,12 +98,37 @@ def _permute(rows: np.ndarray, seed: int, epoch: int, rank: int, shuffle: bool) 
     return np.random.default_rng([seed, epoch, rank]).permutation(rows)
 
 
-def steps_per_epoch(*, n: int, seed: int, world: int, batch_size: int, accumulate: int, eval_fraction: float,
-                    sampling: str) -> int:
-    """Optimizer steps in one epoch: the most any worker takes (the others join with zeros)."""
-    most = 0
-    for rank in range(world):
-        batches = len(epoch_batches(n=n, seed=seed, epoch=0, rank=rank, world=world, batch_size=batch_size,
-                                    eval_fraction=eval_fraction, sampling=sampling, shuffle=False))
-        most = max(most, -(-batches // accumulate))
-    return most
+def train_rows_per_shard(n: int, world: int, seed: int, eval_fraction: float, chunk: int = 1 << 22) -> np.ndarray:
+    """How many training rows (not held out) each shard holds."""
+    counts = np.zeros(world, dtype=np.int64)
+    for r in range(world):
+        lo, hi = shard_range(n, world, r)
+        held = 0
+        for start in range(lo, hi, chunk):  # bounded memory for a source of any size
+            held += int(is_eval(np.arange(start, min(start + chunk, hi), dtype=np.int64), seed, eval_fraction).sum())
+        counts[r] = hi - lo - held
+    return counts
+
+
+def step_samples(*, n: int, seed: int, world: int, batch_size: int, accumulate: int, eval_fraction: float,
+                 sampling: str) -> np.ndarray:
+    """Samples in the global batch of each optimizer step of an epoch (every epoch alike:
+    the order changes, the sizes do not). So every worker knows each step's global count,
+    and with it the factor that turns its summed loss into its share of the mean, before
+    backward and without asking anyone. Its length is the steps of an epoch: the most any
+    worker takes (the others join with zeros)."""
+    trained = train_rows_per_shard(n, world, seed, eval_fraction)
+    if sampling == "global":  # slices of one permutation: global batches of batch_size, the last one short
+        total = int(trained.sum())
+        micro = np.minimum(batch_size, total - np.arange(-(-total // batch_size)) * batch_size)
+    else:  # worker r takes batches of local_share(...) of its shard, the last one short
+        shares = np.array([local_share(batch_size, world, r) for r in range(world)], dtype=np.int64)
+        full, rest = trained // shares, trained % shares
+        length = int((full + (rest > 0)).max()) if world else 0
+        micro = np.zeros(length + 2, dtype=np.int64)
+        np.add.at(micro, 0, shares.sum())  # difference array: shares[r] on [0, full[r]), rest[r] at full[r]
+        np.add.at(micro, full, rest - shares)
+        np.add.at(micro, full + 1, -rest)
+        micro = np.cumsum(micro)[:length]
+    steps = -(-len(micro) // accumulate)
+    return np.add.reduceat(micro, np.arange(0, steps * accumulate, accumulate)) if steps else micro[:0]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 DIGITS_CSV = Path(__file__).with_name("datasets") / "digits.csv.gz"
 
@@ -151,9 +151,7 @@ def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, n
     if label_column not in names:
         raise DataError(f"{where}: no label column {label_column!r} (columns: {', '.join(names)})")
     y = table.column(label_column).to_numpy()
-    features = [n for n in names if n != label_column and not n.startswith("__")]
-    if not features:
-        raise DataError(f"{where}: no feature columns besides {label_column!r}")
+    features = feature_columns(names, label_column, where)
     cols = [table.column(n) for n in features]
     if isinstance(table, pa.Table):
         cols = [c.combine_chunks() if c.num_chunks != 1 else c.chunk(0) for c in cols]
@@ -168,6 +166,25 @@ def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, n
     return x.astype(np.float32, copy=False), y
 
 
+def feature_columns(names: list[str], label_column: str, where: str) -> list[str]:
+    """The feature columns of a table: every column but the label and our own `__` ones
+    (one list column, or several numeric ones; the Spark feed reads a DataFrame alike)."""
+    features = [n for n in names if n != label_column and not n.startswith("__")]
+    if not features:
+        raise DataError(f"{where}: no feature columns besides {label_column!r}")
+    return features
+
+
+def class_ids(y: np.ndarray) -> np.ndarray:
+    """Labels that are whole numbers become int64 class ids (float columns holding 0.0,
+    1.0, ... included); other labels (fractional targets) are kept as they are."""
+    if y.dtype.kind in "iu":
+        return y.astype(np.int64, copy=False)
+    if y.dtype.kind == "f" and y.ndim == 1 and np.all(np.mod(y, 1) == 0):
+        return y.astype(np.int64)
+    return y
+
+
 def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> Dataset:
     if x.ndim < 2:
         raise DataError(f"{path}: features must be (rows, features...), got shape {x.shape}")
@@ -175,10 +192,7 @@ def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> Dataset:
         raise DataError(f"{path}: {len(x)} feature rows but {len(y)} labels")
     if x.dtype.kind not in "fiu":
         raise DataError(f"{path}: features must be numeric, got {x.dtype}")
-    if y.dtype.kind == "f" and y.ndim == 1 and np.all(np.mod(y, 1) == 0):
-        y = y.astype(np.int64)
-    elif y.dtype.kind in "iu":
-        y = y.astype(np.int64, copy=False)
+    y = class_ids(y)
     if x.dtype != np.float32:
         x = x.astype(np.float32)  # one copy; store float32 to keep the memory map
     return Dataset(x, y, path.name)

@@ -1,46 +1,21 @@
-"""Atomic files and checkpoints.
+"""Checkpoints, written atomically (files.atomic) and checked when read.
 
-Every file is written to a temporary name in the same directory, flushed to disk and
-renamed over the target, so a killed job leaves either the old file or the new one,
-never a torn one. A checkpoint `step-00000123.pt` is followed by its checksum file
+A checkpoint `step-00000123.pt` is followed by its checksum file
 `step-00000123.pt.sha256`; a checkpoint without a matching checksum (killed between
 the two, truncated, corrupted) is skipped with a warning and the previous one is used.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
-
-
-@contextlib.contextmanager
-def _atomic(path: str | Path):
-    """A file to write `path` through: renamed over it once written and synced, removed on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    with _atomic(path) as f:
-        f.write(data)
+from ..errors import UserError
+from ..files import atomic, atomic_write
 
 
 class _Hashing:
@@ -59,7 +34,7 @@ class _Hashing:
 
 def atomic_save(path: str | Path, obj) -> str:
     """torch.save `obj` to `path` atomically, streamed (no copy of it in memory); its sha256."""
-    with _atomic(path) as f:
+    with atomic(path) as f:
         out = _Hashing(f)
         torch.save(obj, out)
     return out.sha.hexdigest()

@@ -1,0 +1,56 @@
+"""What one worker holds of the data: rows [offset, offset + len(x)) of a source of n
+rows, and how a batch of them reaches the device (the data context -> the model context)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+HEAD_ROWS = 64  # rows hashed into the data's fingerprint
+
+
+@dataclass
+class WorkerData:
+    x: np.ndarray
+    y: np.ndarray
+    n: int  # rows in the whole source (every worker's shard together)
+    outputs: int  # the model's output width, decided from the whole source
+    offset: int = 0
+    head: str | None = None  # a hash of the source's first rows, where this worker can see them
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def batch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global row indices -> tensors on the device."""
+        local = rows - self.offset if self.offset else rows
+        xb = torch.from_numpy(np.ascontiguousarray(self.x[local]))
+        yb = torch.from_numpy(np.ascontiguousarray(self.y[local]))
+        if device.type == "cuda":
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        return xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+    def fingerprint(self) -> dict:
+        """What every worker must agree on before training: the source's size and sample
+        description, the model's outputs, and (where this worker holds them) its first rows."""
+        return {"rows": self.n, "sample_shape": list(self.sample_shape), "label_kind": self.y.dtype.kind,
+                "outputs": self.outputs, "first_rows": self.head}
+
+    @classmethod
+    def whole(cls, ds, outputs: int) -> "WorkerData":
+        """Every row of `ds` (local mode and MPI ranks hold the whole source)."""
+        return cls(ds.x, ds.y, len(ds), outputs, head=head_hash(ds.x, ds.y))
+
+
+def head_hash(x: np.ndarray, y: np.ndarray) -> str:
+    """sha256 of the first HEAD_ROWS rows' features and labels (a memory map reads only those)."""
+    h = hashlib.sha256()
+    for a in (x[:HEAD_ROWS], y[:HEAD_ROWS]):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]

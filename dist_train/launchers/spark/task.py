@@ -1,0 +1,125 @@
+"""The barrier task: where am I (the Spark task's environment, its rendezvous), this
+task's shard (feed.assemble), then the same `fit` as every launcher.
+
+Rank 0 opens a TCPStore on its executor's address; allGather shares the port. The
+allGather runs in a thread from the task's first moment: Spark answers a barrier call
+about a second after the last task arrives, and the task spends that second assembling
+its shard and importing what its first optimizer step would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+from ... import device, failures
+from ...comm import connect
+from ...comm.env import Environment
+from ...errors import PeerFailure, first_line
+from ...train import fit
+from . import feed
+
+PEER_LOSS_GRACE_S = 3.0  # a task that failed because a peer did waits, so the peer's own report reaches the driver first
+WATCHDOG_GRACE_S = 10.0  # after the watchdog named a stalled peer, the task's own collective fails; else it leaves
+
+
+class TrainTask:
+    """mapPartitions' function of the barrier stage: returns rank 0's model and summary."""
+
+    def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int):
+        self.cfg, self.world, self.out, self.resume, self.attempt = cfg, world, out, resume, attempt
+        self.source = replace(source, df=None, dataset=None)  # what a task needs to know of it, not the rows
+
+    def __call__(self, pieces):
+        from pyspark import BarrierTaskContext
+
+        from ...train.checkpoint import to_bytes
+
+        ctx = BarrierTaskContext.get()
+        rank = ctx.partitionId()
+        failures.reset()  # Spark reuses its Python workers: nothing of an earlier task counts
+        failures.exit_with_parent(f"rank {rank}")  # the executor gone: do not train on
+        try:
+            result = self._train(ctx, rank, pieces)
+        except BaseException as e:  # noqa: BLE001 - the driver gets one line naming the rank and the cause
+            raise RuntimeError(_report(e, rank)) from None
+        if rank == 0:
+            yield to_bytes({"model": result.model_payload(self.cfg), "summary": result.summary})
+
+    def _train(self, ctx, rank, pieces):
+        rendezvous = Rendezvous(ctx, rank, self.world)
+        shard = feed.assemble(rank, self.world, pieces, self.source)
+        env, store = rendezvous.finish()
+        comm = connect(env, timeout_s=self.cfg.comm.timeout_s, shm=self.cfg.comm.shm, store=store,
+                       fail=failures.deferred_exit(WATCHDOG_GRACE_S))
+        threads = device.set_threads(device.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads))
+        try:
+            with failures.leaving(comm):
+                return fit(self.cfg, comm, shard, out_dir=self.out, resume=self.resume, launcher="spark",
+                           threads=threads, write_outputs=False, fence=self._fence(),
+                           quiet=self.out is not None)  # the driver follows metrics.jsonl instead
+        except BaseException as e:
+            if failures.kind_of(e).abort:  # "aborting" is failing this task: Spark ends the stage's others
+                failures.abort_world(lambda code: None, 1)
+                comm.close()  # the worker process is reused: leave no process group behind
+            raise
+
+    def _fence(self):
+        if self.out is None:
+            return None
+        marker, attempt = Path(self.out) / ".attempt", str(self.attempt)
+        return lambda: marker.exists() and marker.read_text().strip() == attempt
+
+
+def _report(e: BaseException, rank: int) -> str:
+    """`[rank R] Kind: cause` (the failure table's kind, by the exception's name), then the traceback."""
+    if failures.DIAGNOSIS and not isinstance(e, PeerFailure):  # the watchdog named the cause: this is its consequence
+        e = PeerFailure(failures.DIAGNOSIS[0])
+    elif _is_peer_loss(e):  # a consequence, not the cause: let the failing rank's report reach the driver first
+        time.sleep(PEER_LOSS_GRACE_S)
+    name = "SystemExit" if isinstance(e, SystemExit) and failures.PROGRESS.training else type(e).__name__
+    cause = f"rank {rank} exited at step {failures.PROGRESS.step}" if name == "SystemExit" else str(e) or name
+    return f"[rank {rank}] {name}: {cause}\n{''.join(traceback.format_exception(e))}"
+
+
+def _is_peer_loss(e: BaseException) -> bool:
+    text = first_line(e, 10_000)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "exited while"))
+
+
+class Rendezvous:
+    """The Spark barrier task's environment: rank and world from the stage, every task's
+    host from getTaskInfos, rank 0's store address from allGather."""
+
+    def __init__(self, ctx, rank: int, world: int):
+        from ...comm import torchdist
+
+        self.rank, self.world = rank, world
+        self.hosts = tuple(info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos())
+        self.store, port = torchdist.listen(self.hosts[0]) if rank == 0 else (None, 0)
+        self.gathered, self.error = None, None
+        self.thread = threading.Thread(target=self._gather, args=(ctx, str(port)), daemon=True,
+                                       name="dist-train-rendezvous")
+        self.thread.start()
+
+    def _gather(self, ctx, mine):
+        try:
+            self.gathered = ctx.allGather(mine)  # dist: rendezvous through Spark
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish() in the task's thread
+            self.error = e
+
+    def finish(self) -> tuple[Environment, object]:
+        import torch._dynamo  # noqa: F401 - torch.optim imports it at the first step (~1 s): do it while Spark answers
+
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        mine = self.hosts[self.rank]
+        local = [r for r, h in enumerate(self.hosts) if h == mine]
+        env = Environment("spark", self.rank, self.world, local.index(self.rank), len(local), self.hosts[0],
+                          int(self.gathered[0]), self.hosts, mine)
+        return env, self.store

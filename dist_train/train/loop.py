@@ -1,0 +1,188 @@
+"""The training loop, written once for any Communicator (STYLE.md 1): setup, epochs, finish.
+
+    shard -> per-epoch order -> local batch -> device -> forward -> loss scaled to the global
+    mean -> backward -> one fused allreduce of [grads | stats] -> identical optimizer step
+
+Lines marked `# dist:` are where this differs from a plain single-process loop.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import config, failures, models
+from ..data import sharding
+from ..device import resolve_device
+from . import checkpoint, schedule
+from .agree import agree_at_start, check_parameters
+from .clock import Clock
+from .evaluate import evaluate
+from .gradsync import FusedGrads, broadcast_parameters
+from .optim import make_optimizer
+from .outputs import RunWriter, write_final
+from .state import Position, checkpoint_state, restore
+from .step import Step
+from .summary import done_line, epoch_record, step_record, summary
+
+
+@dataclass
+class Result:
+    """What fit returns on every worker; rank 0's is the run's."""
+
+    state_dict: dict
+    summary: dict
+    model: torch.nn.Module = field(repr=False)
+
+    def model_payload(self, cfg) -> dict:
+        return {"state_dict": self.state_dict, "config": config.to_dict(cfg), "meta": self.summary["meta"]}
+
+
+@dataclass
+class Run:
+    """Everything one worker's training holds."""
+
+    cfg: config.Section
+    comm: object
+    data: object
+    launcher: str
+    threads: int | None
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    grads: FusedGrads
+    writer: RunWriter
+    pos: Position
+    resumed: bool
+    plan: np.ndarray  # the global sample count of each step of an epoch
+    step: Step
+    clock: Clock
+    started: float
+    stopped_by: str = "epochs"
+
+    @property
+    def total_steps(self) -> int:
+        """What a cosine schedule decays over."""
+        t = self.cfg.train
+        return min(t.epochs * len(self.plan), t.max_steps or t.epochs * len(self.plan))
+
+
+def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = "local", local_rank: int = 0,
+        threads: int | None = None, write_outputs: bool = True, fence=None, quiet: bool = False) -> Result:
+    """Train `cfg` on this worker's `data` (a data.WorkerData) with peers reachable through `comm`.
+
+    `write_outputs=False` leaves model.pt and summary.json to the caller (the Spark driver);
+    `fence`, if given, is asked before each write whether this run still owns --out;
+    `quiet` prints nothing (the Spark driver shows progress from metrics.jsonl instead)."""
+    run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, local_rank=local_rank,
+                threads=threads, fence=fence, quiet=quiet)
+    failures.PROGRESS.training = True  # from here a worker that leaves fails the job
+    while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
+        run_epoch(run)
+    return finish(run, write_outputs)
+
+
+def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet) -> Run:
+    started = time.perf_counter()
+    config.check_world(cfg, comm.world_size)
+    device = resolve_device(cfg.device, local_rank)
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg, data.sample_shape, data.outputs).to(device)
+    optimizer = make_optimizer(cfg, model)
+    writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout,
+                       tensorboard=cfg.log.tensorboard)
+    ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log) if resume and out_dir else None
+    pos = restore(ckpt, model, optimizer, cfg, comm.world_size) if ckpt is not None else Position()
+    agree_at_start(comm, cfg, data.fingerprint(), pos.step)  # dist: one config, data and start, before any buffer
+    broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights
+    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision != "bf16")  # autocast: autograd's own path
+    plan = sharding.step_samples(n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=cfg.train.batch_size,
+                                 accumulate=cfg.train.accumulate, eval_fraction=cfg.data.eval_fraction,
+                                 sampling=cfg.data.sampling)
+    writer.start_metrics(pos.step if ckpt is not None else None)
+    step = Step(cfg, comm, model, optimizer, grads, data, device, writer.log)
+    run = Run(cfg, comm, data, launcher, threads, device, model, optimizer, grads, writer, pos, ckpt is not None,
+              plan, step, Clock(comm.world_size, pos.samples), started)
+    writer.log(f"[dist-train] {launcher}: world {comm.world_size}, device {device}, "
+               f"threads {threads or torch.get_num_threads()}, {data.n} rows, "
+               f"{sum(p.numel() for p in model.parameters())} parameters"
+               + (f", resumed at step {pos.step} (epoch {pos.epoch})" if run.resumed else ""))
+    model.train()
+    return run
+
+
+def run_epoch(run: Run) -> None:
+    """Steps until the epoch ends or training stops."""
+    cfg, pos, t = run.cfg, run.pos, run.cfg.train
+    batches = sharding.epoch_batches(
+        n=run.data.n, seed=cfg.seed, epoch=pos.epoch, rank=run.comm.rank, world=run.comm.world_size,
+        batch_size=t.batch_size, eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling, shuffle=t.shuffle)
+    while True:
+        if t.max_steps is not None and pos.step >= t.max_steps:
+            run.stopped_by = "max_steps"  # also when resumed at the limit: no extra step
+            return
+        if pos.batch == 0:  # a new epoch's first step
+            pos.epoch_loss, pos.epoch_count = 0.0, 0
+            run.clock.epoch_start = time.perf_counter()
+        index = pos.batch // t.accumulate
+        lr = schedule.lr_at(t, pos.step, run.total_steps)
+        logged = bool(t.log_every) and (pos.step + 1) % t.log_every == 0  # accuracy is only needed there
+        stats = run.step(pos.step + 1, batches[pos.batch:pos.batch + t.accumulate], int(run.plan[index]), lr, logged)
+        advance(run, stats, lr, last_of_epoch=index + 1 == len(run.plan))
+        if pos.batch == 0 or run.stopped_by != "epochs":
+            return
+
+
+def advance(run: Run, stats, lr: float, last_of_epoch: bool) -> None:
+    """Book the step just taken: position, time, checks, logs, checkpoints."""
+    cfg, pos, t, writer = run.cfg, run.pos, run.cfg.train, run.writer
+    pos.step += 1
+    pos.batch += t.accumulate
+    if not stats.nonfinite_ranks:
+        pos.samples += stats.count
+        pos.epoch_loss += stats.loss * stats.count
+        pos.epoch_count += stats.count
+    now = run.clock.step_done(run.step.last_times, stats.times, pos.samples)
+    if last_of_epoch:
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+    if cfg.comm.check_every_steps and pos.step % cfg.comm.check_every_steps == 0:
+        check_parameters(run.comm, run.model, pos.step)
+    if t.target_loss is not None and stats.loss <= t.target_loss:
+        run.stopped_by = "target_loss"  # the same global loss on every worker: all stop together
+    if t.log_every and pos.step % t.log_every == 0:
+        rec = step_record(run, stats, lr)
+        writer.metric(rec)
+        if not writer.tty:  # a terminal shows the progress bar instead
+            writer.log(f"step {pos.step:>6}  epoch {rec['epoch']:>3}  loss {stats.loss:.5f}  "
+                       f"{rec['samples_per_sec']:,.0f} samples/s")
+    if writer.tty:
+        done = pos.batch if pos.batch else len(run.plan) * t.accumulate
+        writer.progress(pos.epoch if pos.batch else pos.epoch - 1, -(-done // t.accumulate), len(run.plan),
+                        stats.loss, (pos.samples - run.clock.samples_at_start) / max(now - run.clock.start, 1e-9),
+                        now - run.clock.epoch_start)
+    if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
+        writer.checkpoint(pos.step, checkpoint_state(run.model, run.optimizer, pos, cfg, run.comm.world_size),
+                          cfg.checkpoint.keep)
+    if pos.batch == 0:  # the epoch just ended
+        writer.metric(epoch_record(pos))
+
+
+def finish(run: Run, write_outputs: bool) -> Result:
+    """The last checkpoint, evaluation, the summary and (rank 0) model.pt."""
+    cfg, writer = run.cfg, run.writer
+    run.clock.stop()
+    writer.checkpoint(run.pos.step, checkpoint_state(run.model, run.optimizer, run.pos, cfg, run.comm.world_size),
+                      cfg.checkpoint.keep)
+    evaluation = evaluate(cfg, run.comm, run.model, run.data, run.device)
+    report = summary(run, evaluation, time.perf_counter() - run.started)
+    writer.close()
+    result = Result({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, report, run.model)
+    if write_outputs and writer.active:
+        write_final(writer.out, result.model_payload(cfg), report)
+    writer.log(done_line(report))
+    failures.PROGRESS.training = False
+    return result

@@ -1,0 +1,70 @@
+"""What a run reports: summary.json, the metrics lines and the last line."""
+
+from __future__ import annotations
+
+import math
+import resource
+
+import torch
+
+from .gradsync import TIMES
+
+
+def summary(run, evaluation: dict, wall_seconds: float) -> dict:
+    pos, clock, t = run.pos, run.clock, run.cfg.train
+    train_seconds = clock.end - clock.start
+    return {
+        "launcher": run.launcher,
+        "world_size": run.comm.world_size,
+        "steps": pos.step,
+        "epochs": pos.epoch,
+        "stopped_by": run.stopped_by,
+        "skipped_nonfinite_steps": run.step.skipped,
+        "final_train_loss": pos.epoch_loss / pos.epoch_count if pos.epoch_count else None,
+        "eval": evaluation,
+        "samples": pos.samples,
+        "samples_per_sec": (pos.samples - clock.samples_at_start) / train_seconds if train_seconds > 0 else None,
+        "steady_samples_per_sec": clock.steady_rate(pos.samples),
+        "wall_seconds": wall_seconds,
+        "train_seconds": train_seconds,
+        "seconds": clock.mine,  # this worker's (rank 0's in the summary), over this process's steps
+        "seconds_mean_over_workers": {k: v / run.comm.world_size for k, v in zip(TIMES, clock.all)},
+        "steps_run": clock.steps_run,
+        "grad_bytes": run.grads.nbytes,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's (Linux: KiB)
+        "device": str(run.device),
+        "threads": run.threads or torch.get_num_threads(),
+        "meta": {"sample_shape": list(run.data.sample_shape), "outputs": run.data.outputs, "loss": t.loss,
+                 "model": run.cfg.model.target or run.cfg.model.name, "torch": str(torch.__version__),
+                 "launcher": run.launcher, "world_size": run.comm.world_size, "steps": pos.step},
+    }
+
+
+def step_record(run, stats, lr: float) -> dict:
+    """A metrics line for the step just taken, with the mean times per step and worker since the last."""
+    pos = run.pos
+    rate, now = run.clock.rate_since_log(pos.samples)
+    rec = {"kind": "step", "step": pos.step, "epoch": pos.epoch if pos.batch else pos.epoch - 1,
+           "loss": stats.loss, "samples": pos.samples, "samples_per_sec": rate, "lr": lr,
+           "time": now - run.clock.start}
+    rec.update({f"{kind}_ms": 1000 * v for kind, v in zip(TIMES, run.clock.interval_means())})
+    if run.cfg.train.loss != "mse":
+        rec["accuracy"] = stats.correct / stats.count if stats.count else None
+    return rec
+
+
+def epoch_record(pos) -> dict:
+    loss = pos.epoch_loss / pos.epoch_count if pos.epoch_count else None
+    return {"kind": "epoch", "step": pos.step, "epoch": pos.epoch - 1, "loss": loss, "samples": pos.samples}
+
+
+def done_line(s: dict) -> str:
+    ev = s["eval"]
+    return (f"[dist-train] done: {s['steps']} steps, {s['epochs']} epochs ({s['stopped_by']}), "
+            f"train loss {_fmt(s['final_train_loss'])}, eval loss {_fmt(ev['loss'])}"
+            + (f", eval accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else "")
+            + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.5f}"
