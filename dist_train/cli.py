@@ -166,7 +166,11 @@ def supervise(cmd: list[str], env: dict, *, whole_group: bool) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     _signal(proc, signal.SIGKILL, True)  # anything of its group left behind (it is gone itself)
-    return 128 + got[0][0] if got else code
+    if not got:
+        return code
+    failures.say(f"error: interrupted by {signal.Signals(got[0][0]).name}: {Path(cmd[0]).name} and its workers "
+                 f"were stopped")
+    return 128 + got[0][0]
 
 
 def _signal(proc: subprocess.Popen, signum: int, whole_group: bool) -> None:

@@ -38,13 +38,14 @@ import time
 from pathlib import Path
 
 from dist_train.cli import spark_env  # PATH and PYSPARK_* pointing at this environment
+from dist_train.launchers.mpi import command as mpirun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORKLOADS = {"mlp": "conf/bench_mlp.yaml", "lenet": "conf/bench_lenet.yaml", "wide": "conf/bench_wide.yaml"}
 STEPS = {"mlp": 600, "lenet": 300, "wide": 30}  # a few seconds of steady state each: ~4, ~10, ~150 ms a step
 HOROVOD_QUOTED = {"mlp": 11800, "lenet": 9800, "wide": 470}  # issue 5's table; does not build here
-MPIRUN = [BIN / "mpirun", "-n", 2, "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+MPIRUN = mpirun_command(2, [])  # the project's one mpirun command line: mpirun -n 2 --bind-to none ...
 
 
 class Hung(RuntimeError):

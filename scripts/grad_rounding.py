@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_train import config, data, engine  # noqa: E402
+from dist_train import config, data  # noqa: E402
 from dist_train.comm import LocalComm  # noqa: E402
+from dist_train.train import fit  # noqa: E402
 
 ROUND_TO = None  # the dtype gradients are rounded through, or None
 _sgd_step, _adam_step = torch.optim.SGD.step, torch.optim.Adam.step
@@ -45,8 +46,8 @@ def main(configs: list[str]) -> None:
             for seed in (0, 1, 2):
                 cfg = config.load(path, [f"seed={seed}"])
                 ds = data.load(cfg)
-                result = engine.fit(cfg, LocalComm(), engine.WorkerData.whole(ds, ds.classes),
-                                    write_outputs=False, quiet=True)
+                result = fit(cfg, LocalComm(), data.WorkerData.whole(ds, ds.classes),
+                             write_outputs=False, quiet=True)
                 accuracies.append(result.summary["eval"]["accuracy"])
             print(f"{path}  gradients {str(dtype or 'float32').replace('torch.', ''):9}  held-out accuracy "
                   f"{' '.join(f'{a:.4f}' for a in accuracies)}  mean {statistics.mean(accuracies):.4f}", flush=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dist_train import data
-from dist_train.engine import WorkerData
+from dist_train.data import WorkerData
 
 
 def main():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import sys
 import time
 
 import torch
@@ -26,8 +28,9 @@ def current_rank() -> int:
 
 
 class Faulty(nn.Module):
-    def __init__(self, inputs, outputs, fail_rank, fail_step, mode, marker=None, heartbeat=None):
+    def __init__(self, inputs, outputs, fail_rank, fail_step, mode, marker=None, heartbeat=None, stamp=None):
         super().__init__()
+        self.stamp = stamp  # the time of the fault is written here
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 16), nn.ReLU(), nn.Linear(16, outputs))
         self.fail_rank, self.fail_step, self.mode, self.marker = fail_rank, fail_step, mode, marker
         self.heartbeat = heartbeat
@@ -63,6 +66,17 @@ class Faulty(nn.Module):
         return True
 
     def _fail(self):
+        if self.stamp:
+            with open(self.stamp, "w") as f:
+                f.write(str(time.time()))
+        if self.mode == "stop":  # frozen: no thread of this process runs
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if self.mode == "gil":  # a catastrophic regex: C code that holds the GIL for ever
+            re.match(r"(a+)+$", "a" * 64 + "b")
+        if self.mode == "exit":  # a clean-looking exit in the middle of training
+            sys.exit(0)
+        if self.mode == "os_exit":
+            os._exit(0)
         if self.mode == "raise":
             raise RuntimeError(f"injected failure at step {self.fail_step}")
         if self.mode == "kill":
@@ -71,8 +85,8 @@ class Faulty(nn.Module):
             time.sleep(3600)
 
 
-def model(inputs=64, outputs=10, fail_rank=1, fail_step=3, mode="raise", marker=None, heartbeat=None):
-    return Faulty(inputs, outputs, fail_rank, fail_step, mode, marker, heartbeat)
+def model(inputs=64, outputs=10, fail_rank=1, fail_step=3, mode="raise", marker=None, heartbeat=None, stamp=None):
+    return Faulty(inputs, outputs, fail_rank, fail_step, mode, marker, heartbeat, stamp)
 
 
 def not_a_module():

@@ -114,10 +114,11 @@ def test_a_stalled_task_is_named(spark, tmp_path):
 
 
 def test_nan_on_one_task_stops_the_job_naming_step_and_rank(spark):
-    with pytest.raises(L.TrainingFailed, match=r"non-finite loss at step 3 on rank\(s\) 1"):
+    with pytest.raises(L.TrainingFailed, match=r"non-finite loss at step 3 on rank\(s\) 1") as e:
         L.train(spark, ROOT / "conf/digits.yaml", sets=[
             "train.epochs=50", "spark.workers=2", "model.target=tests.faulty:model",
             "model.kwargs={fail_rank: 1, fail_step: 3, mode: nan}"])
+    assert e.value.exit_code == 3  # as under local mode and MPI (failures.py)
 
 
 def test_driver_retries_from_the_newest_checkpoint(spark, tmp_path, capsys):
@@ -197,6 +198,41 @@ def test_too_few_slots_fail_at_once(tmp_path):
     lines = [x for x in (p.stdout + p.stderr).splitlines() if x.startswith("error:")]  # spark-submit merges them
     assert len(lines) == 1 and "spark.workers=4 needs 4 free task slots, the cluster has 2" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_master_strings_give_their_task_slots_or_a_refusal():
+    from dist_train.errors import UserError
+    from dist_train.launchers.spark.driver import master_cores
+
+    assert [master_cores(m, 8) for m in ("local", "local[3]", "local[*]", "local[4,2]", "local[*, 3]",
+                                         "local-cluster[2,1,1024]", "local-cluster[3, 2, 512]")] == [1, 3, 8, 4, 8, 2, 6]
+    assert [master_cores(m, 8) for m in ("spark://h:7077", "yarn", "k8s://https://h:6443")] == [None] * 3
+    for bad in ("locall", "local[x]", "local-cluster[2]", "nowhere://h"):
+        with pytest.raises(UserError, match="not a master this launcher can count task slots for"):
+            master_cores(bad, 8)
+
+
+@pytest.mark.parametrize("master", ["local", "local[1]"])
+def test_a_master_with_too_few_slots_is_refused_at_once(master, tmp_path):
+    """`--master local` (one core, no [N]) used to pass the check and leave Spark waiting ten minutes."""
+    start = time.monotonic()
+    p = spark_submit("--master", master, ROOT / "launchers/spark.py", "conf/xor.yaml", "--out", tmp_path / "o",
+                     "--set", "spark.workers=2")
+    assert time.monotonic() - start < 30
+    lines = [x for x in (p.stdout + p.stderr).splitlines() if x.startswith("error:")]
+    assert p.returncode == 2 and len(lines) == 1
+    assert "spark.workers=2 needs 2 free task slots, the cluster has 1" in lines[0], lines
+
+
+def test_a_failure_exits_with_the_same_code_as_under_the_other_launchers(tmp_path):
+    """A non-finite loss stops training: exit 3 under spark-submit, as under local mode and mpirun."""
+    p = spark_submit("--master", "local[2]", ROOT / "launchers/spark.py", "conf/digits.yaml", "--out", tmp_path / "o",
+                     "--set", "spark.workers=2", "--set", "model.target=tests.faulty:model", "--set", "train.epochs=50",
+                     "--set", "model.kwargs={fail_rank: 1, fail_step: 3, mode: nan}")
+    lines = [x for x in (p.stdout + p.stderr).splitlines() if x.startswith("error:")]
+    assert p.returncode == 3, (p.stdout + p.stderr)[-3000:]
+    assert lines == ["error: [rank 1] TrainingError: non-finite loss at step 3 on rank(s) 1 "
+                     "(set train.skip_nonfinite: true to skip such steps)"], lines
 
 
 @pytest.fixture(scope="module")

@@ -14,84 +14,8 @@ broadcast(tensor, root) and close(): nothing else, and nothing reaches past it.
 `connect(env)` turns an environment (env.py: where this worker is) into that stack.
 """
 
-from __future__ import annotations
-
-from typing import Callable
-
-import torch
-
+from .base import Communicator, LocalComm
 from .env import Environment
+from .factory import broadcast_bytes, buffer, connect
 
-
-class Communicator:
-    """rank, world_size, and in-place collectives on tensors."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def allreduce(self, buf: torch.Tensor) -> None:
-        """Sum `buf` over all workers, in place."""
-        raise NotImplementedError
-
-    def broadcast(self, buf: torch.Tensor, root: int = 0) -> None:
-        """Overwrite `buf` with root's `buf`, in place."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Leave the world (a clean end: peers are told this worker is done)."""
-
-
-class LocalComm(Communicator):
-    """A world of one (STYLE.md 1)."""
-
-    def allreduce(self, buf):
-        pass
-
-    def broadcast(self, buf, root=0):
-        pass
-
-
-def connect(env: Environment, *, timeout_s: float = 300.0, shm: bool = True,
-            fail: Callable[[str], None] | None = None, base: Communicator | None = None,
-            store=None) -> Communicator:
-    """The communicator of the worker `env` describes: its transport (MPI under mpirun,
-    torch.distributed at env's rendezvous address otherwise, or `base` if the launcher
-    already joined one), shared memory among the workers of each host (`shm`), and a
-    watchdog on every rank (`fail(line)`: how this launcher ends its world when a peer
-    stalls or leaves). Collective: every worker calls it."""
-    if env.world_size == 1:
-        return LocalComm()
-    from . import shm as host, watchdog
-
-    if env.kind == "mpi":
-        from . import mpi
-
-        inner, split, barrier_s = base or mpi.world(), mpi.split, timeout_s + 10  # the watchdog names a stall first
-    else:
-        from . import torchdist
-
-        inner = base or torchdist.connect(env.address, env.port, env.rank, env.world_size, timeout_s, store=store)
-        split, barrier_s = torchdist.split, timeout_s
-    if shm and host.supported():
-        inner = host.share(inner, split, hosts=env.hosts, timeout_s=barrier_s)
-    return watchdog.Watched(inner, timeout_s, fail, address=env.own_address)
-
-
-def buffer(comm: Communicator, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed flat tensor for the gradients. Where `comm` sums through shared memory it
-    lies in this worker's slot of a shared segment, and allreduce of it sums in place
-    without a copy in or out (torch's symmetric memory is the same idea). Collective."""
-    from . import shm
-
-    return shm.buffer(comm, numel, dtype, device)
-
-
-def broadcast_bytes(comm: Communicator, data: bytes, root: int = 0) -> bytes:
-    """`root`'s bytes on every worker: their length first (a fixed-size broadcast), then them."""
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    comm.broadcast(size, root)
-    payload = torch.zeros(int(size.item()), dtype=torch.uint8)
-    if comm.rank == root and len(data):
-        payload.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    comm.broadcast(payload, root)
-    return payload.numpy().tobytes()
+__all__ = ["Communicator", "Environment", "LocalComm", "broadcast_bytes", "buffer", "connect"]

@@ -11,7 +11,7 @@ import sys
 
 from mpi4py import MPI
 
-from . import Communicator
+from .base import Communicator
 from .env import Environment
 
 

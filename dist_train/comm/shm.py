@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import failures
 from ..errors import PeerFailure
-from . import Communicator
+from .base import Communicator
 
 HEADER_BYTES = 8192  # counters and pids of up to 256 workers
 GRAD_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}  # what SharedGrads sums (through numpy)
@@ -97,7 +98,8 @@ class _Arrivals:
         for r in late:
             pid = int(self.pids[r])
             if pid and not _alive(pid):
-                raise PeerFailure(f"{self.names[r]} (pid {pid}) exited while {self.names[self.rank]} waited for it")
+                raise PeerFailure(f"{self.names[r]} exited at step {failures.PROGRESS.step} (pid {pid}) while "
+                                  f"{self.names[self.rank]} waited for it")
         if self.timeout_s is not None and waited > self.timeout_s:
             raise PeerFailure(f"{', '.join(self.names[r] for r in late)} did not arrive within {self.timeout_s:g} s "
                               f"(stalled); {self.names[self.rank]} gives up")

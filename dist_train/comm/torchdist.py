@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from . import Communicator
+from .base import Communicator
 
 MARGIN_S = 5.0  # a collective's own timeout, after the watchdog's: it names the rank first
 

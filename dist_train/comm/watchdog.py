@@ -34,7 +34,7 @@ import torch
 
 from .. import failures
 from ..errors import PeerFailure
-from . import Communicator
+from .base import Communicator
 
 BEAT_S = 0.1
 FRAME = struct.Struct("!iqq")  # kind, step, collectives
@@ -86,7 +86,6 @@ class Watchdog(threading.Thread):
             self._up = _accept(listener, token, (self.rank - 1) % self.world, deadline)
         finally:
             listener.close()
-        self.peer_pid = int(table[self.peer][1])
         self._heard, self._step, self._ops, self._behind_since = time.monotonic(), 0, 0, None
         self._peer_left, self._pending = False, b""
         failures.on_abort(self.aborting)
@@ -113,7 +112,7 @@ class Watchdog(threading.Thread):
             data = b""
         if not data:  # the successor's process is gone
             self._peer_left = True
-            self._report(f"error: rank {self.peer} (pid {self.peer_pid}) exited at step {self._step}")
+            self._report(f"error: rank {self.peer} exited at step {self._at()}")
             return
         self._pending += data
         while len(self._pending) >= FRAME.size:
@@ -131,15 +130,20 @@ class Watchdog(threading.Thread):
     def _check(self, now: float) -> None:
         if now - self._heard > self.timeout_s:
             self._report(f"error: rank {self.peer} stalled: no heartbeat for {self.timeout_s:g} s at step "
-                         f"{self._step} (stopped, frozen, or holding the GIL in a C call)")
+                         f"{self._at()} (stopped, frozen, or holding the GIL in a C call)")
         elif self._ops < failures.PROGRESS.collectives:  # behind this worker, which waits for it
             if self._behind_since is None:
                 self._behind_since = now
             elif now - self._behind_since > self.timeout_s:
                 self._report(f"error: rank(s) {self.peer} stalled: no progress for {self.timeout_s:g} s at step "
-                             f"{self._step} while the other ranks wait in its collective (comm.timeout_s)")
+                             f"{self._at()} while the other ranks wait in its collective (comm.timeout_s)")
         else:
             self._behind_since = None
+
+    def _at(self) -> int:
+        """The step the successor is on: this worker's own, which waits for it (its heartbeats
+        may be a beat old), or the successor's, if it was further."""
+        return max(failures.PROGRESS.step, self._step)
 
     def _report(self, line: str) -> None:
         if self._failed or self._halt.is_set():
@@ -189,7 +193,8 @@ def _own_address() -> str:
 
 
 def _exchange(comm: Communicator, address: str, port: int) -> torch.Tensor:
-    """Every rank's (port, pid, address) through one allreduce of a fixed-size table."""
+    """Every rank's (port, pid, address) through one allreduce of a fixed-size table (the
+    pids make rank 0's row, the job's token, differ between jobs)."""
     table = torch.zeros(comm.world_size, 2 + ADDRESS_BYTES, dtype=torch.int64)
     raw = address.encode()[:ADDRESS_BYTES]
     table[comm.rank, 0], table[comm.rank, 1] = port, os.getpid()
