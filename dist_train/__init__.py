@@ -1,6 +1,16 @@
 """dist-train: exact, hang-free data-parallel training for PyTorch.
 
-The shared core. It imports neither mpi4py nor pyspark: those live in the launchers.
+The shared core. `import dist_train` pulls in neither mpi4py nor pyspark (nor, until
+`dist_train.fit` is used, torch): those live behind the communication package and the
+Spark launcher.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "fit":  # dist_train.fit(cfg, comm, data, ...): the training loop (dist_train.train.fit)
+        from .train import fit
+
+        return fit
+    raise AttributeError(name)

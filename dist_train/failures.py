@@ -62,6 +62,7 @@ class Progress:
 PROGRESS = Progress()
 _LEAVING: list[Callable[[], None]] = []  # told before this worker aborts (the watchdog tells its peers)
 DIAGNOSIS: list[str] = []  # what a watchdog found and said, where the transport then fails by itself
+_TIMERS: list[threading.Timer] = []  # deferred exits, cancelled when the worker's part ends first
 
 
 def on_abort(hook: Callable[[], None]) -> None:
@@ -77,6 +78,8 @@ def reset() -> None:
     """A new worker in this process (a Spark Python worker runs task after task)."""
     PROGRESS.__init__()
     DIAGNOSIS.clear()
+    while _TIMERS:
+        _TIMERS.pop().cancel()
 
 
 def kind_of(e: BaseException) -> Kind:
@@ -188,19 +191,24 @@ def deferred_exit(grace_s: float) -> Callable[[str], None]:
         timer = threading.Timer(grace_s, os._exit, args=(1,))
         timer.daemon = True
         timer.start()
+        _TIMERS.append(timer)
 
     return fail
 
 
 def run(main: Callable[[], object], *, rank: Callable[[], int], world: Callable[[], int],
         abort: Callable[[int], None]) -> int:
-    """Run a worker's `main` under the policy; its exit code. `rank` and `world` are asked
-    only on failure (they may not be known before the world is joined)."""
+    """Run a worker's `main` under the policy: 0, or SystemExit with the failure's code.
+    `rank` and `world` are asked only on failure (they may not be known before the world
+    is joined)."""
     try:
         main()
         return 0
     except BaseException as e:  # noqa: BLE001 - every failure goes through the table
-        return handle(e, rank=rank(), world=world(), abort=abort)
+        code = handle(e, rank=rank(), world=world(), abort=abort)
+    if code:
+        raise SystemExit(code)
+    return 0
 
 
 _PARENT_WATCH: list[int] = []

@@ -10,7 +10,8 @@ runs/digits/ holds model.pt, summary.json, metrics.jsonl and checkpoints/.
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # this checkout's dist_train, installed or not
+if __name__ == "__main__":  # run as a file: this checkout's dist_train, installed or not
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.launchers.local import main  # noqa: E402
 

@@ -11,7 +11,8 @@ seconds, mpirun exits non-zero, and stderr names the rank and the cause.
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # this checkout's dist_train, installed or not
+if __name__ == "__main__":  # run as a file: this checkout's dist_train, installed or not
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.launchers.mpi import main  # noqa: E402
 

@@ -13,7 +13,8 @@ import runpy
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # this checkout's dist_train, installed or not
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # spark-submit: this checkout's dist_train, installed or not
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
     runpy.run_module("dist_train.launchers.spark.submit", run_name="__main__")
+else:  # `from launchers.spark import train` in a notebook started in a checkout
+    from dist_train.launchers.spark import TrainingFailed, train  # noqa: F401

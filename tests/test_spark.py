@@ -231,8 +231,9 @@ def test_a_failure_exits_with_the_same_code_as_under_the_other_launchers(tmp_pat
                      "--set", "model.kwargs={fail_rank: 1, fail_step: 3, mode: nan}")
     lines = [x for x in (p.stdout + p.stderr).splitlines() if x.startswith("error:")]
     assert p.returncode == 3, (p.stdout + p.stderr)[-3000:]
-    assert lines == ["error: [rank 1] TrainingError: non-finite loss at step 3 on rank(s) 1 "
-                     "(set train.skip_nonfinite: true to skip such steps)"], lines
+    assert len(lines) == 1 and re.fullmatch(r"error: \[rank [01]\] TrainingError: non-finite loss at step 3 on "
+                                            r"rank\(s\) 1 \(set train.skip_nonfinite: true to skip such steps\)",
+                                            lines[0]), lines  # every task stops there: any may report it
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ class Environment:
     port: int | None = None
     hosts: tuple | None = None  # every rank's host, where the launcher knows it (else exchanged)
     own_address: str | None = None  # where peers reach this worker (its watchdog), if known
+    store_running: bool = False  # a store already listens at address:port (torchrun's agent): join it
 
 
 def local() -> Environment:
@@ -60,7 +61,8 @@ def torchrun(environ: Mapping[str, str] = os.environ) -> Environment | None:
         return None
     return Environment("torchrun", rank, size, _int(environ, "LOCAL_RANK") or 0,
                        _int(environ, "LOCAL_WORLD_SIZE") or 1, environ["MASTER_ADDR"],
-                       _int(environ, "MASTER_PORT") or 29500)
+                       _int(environ, "MASTER_PORT") or 29500,
+                       store_running=environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
 
 
 def slurm(environ: Mapping[str, str] = os.environ) -> Environment | None:

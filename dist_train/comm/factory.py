@@ -29,7 +29,8 @@ def connect(env: Environment, *, timeout_s: float = 300.0, shm: bool = True,
     else:
         from . import torchdist
 
-        inner = base or torchdist.connect(env.address, env.port, env.rank, env.world_size, timeout_s, store=store)
+        inner = base or torchdist.connect(env.address, env.port, env.rank, env.world_size, timeout_s, store=store,
+                                          store_running=env.store_running)
         split, barrier_s = torchdist.split, timeout_s
     if shm and host.supported():
         inner = host.share(inner, split, hosts=env.hosts, timeout_s=barrier_s)

@@ -84,6 +84,7 @@ class Watchdog(threading.Thread):
             self._down = _connect(table[self.peer], deadline)  # the successor, watched through this one
             self._down.sendall(HELLO.pack(token, self.rank))
             self._up = _accept(listener, token, (self.rank - 1) % self.world, deadline)
+            self._up.settimeout(1.0)  # a watcher that stopped reading (frozen) must not block this thread
         finally:
             listener.close()
         self._heard, self._step, self._ops, self._behind_since = time.monotonic(), 0, 0, None
@@ -134,7 +135,7 @@ class Watchdog(threading.Thread):
         elif self._ops < failures.PROGRESS.collectives:  # behind this worker, which waits for it
             if self._behind_since is None:
                 self._behind_since = now
-            elif now - self._behind_since > self.timeout_s:
+            elif now - self._behind_since > self.timeout_s and now - self._heard < 10 * BEAT_S:  # silent: frozen
                 self._report(f"error: rank(s) {self.peer} stalled: no progress for {self.timeout_s:g} s at step "
                              f"{self._at()} while the other ranks wait in its collective (comm.timeout_s)")
         else:

@@ -19,10 +19,7 @@ from .common import job_parser, prepare
 
 def main(argv: list[str] | None = None) -> int:
     """0 on success; a failure exits (SystemExit) with the failure table's code."""
-    code = failures.run(lambda: _train(argv), rank=lambda: 0, world=lambda: 1, abort=lambda code: None)
-    if code:
-        raise SystemExit(code)
-    return 0
+    return failures.run(lambda: _train(argv), rank=lambda: 0, world=lambda: 1, abort=lambda code: None)
 
 
 def _train(argv) -> None:

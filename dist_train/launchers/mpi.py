@@ -29,11 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     world = mpi.world()
     failures.exit_with_parent(f"rank {world.rank}")  # mpirun killed (kill -9 of the job): do not train on
-    code = failures.run(lambda: _train(world, argv), rank=lambda: world.rank, world=lambda: world.world_size,
+    return failures.run(lambda: _train(world, argv), rank=lambda: world.rank, world=lambda: world.world_size,
                         abort=mpi.abort)
-    if code:
-        raise SystemExit(code)
-    return 0
 
 
 def _train(world, argv) -> None:

@@ -131,13 +131,13 @@ class FusedGrads:
         return self._stats(arrived)
 
     def _stats(self, arrived: float) -> StepStats:
-        summed = self._tail_np if self._tail_np is not None else self.tail.cpu().numpy()
-        loss, right, count = (float(v) for v in summed[:3])
-        count = int(round(count))
-        arrivals, bad = summed[FIXED:FIXED + self.world], summed[FIXED + self.world:]
-        ranks = tuple(int(r) for r in np.flatnonzero(bad > 0.5))
-        return StepStats(count, float("nan") if ranks else (loss / count if count else 0.0), int(round(right)),
-                         ranks, tuple(float(v) for v in summed[3:FIXED]), max(float(arrivals.max()) - arrived, 0.0))
+        summed = (self._tail_np if self._tail_np is not None else self.tail.cpu().numpy()).tolist()
+        loss, right, count = summed[0], int(round(summed[1])), int(round(summed[2]))
+        world = self.world
+        ranks = tuple(r for r, flag in enumerate(summed[FIXED + world:]) if flag > 0.5)
+        mean = float("nan") if ranks else (loss / count if count else 0.0)
+        waited = max(max(summed[FIXED:FIXED + world]) - arrived, 0.0)
+        return StepStats(count, mean, right, ranks, tuple(summed[3:FIXED]), waited)
 
 
 def _grads_into(params: list, buf: torch.Tensor) -> dict:

@@ -27,6 +27,7 @@ class Step:
         self.last_times = (0.0,) * len(TIMES)  # this worker's previous step, sent along with the next one's gradients
         self.since = None  # when this worker left the previous exchange: arrivals are counted from there
         self.skipped = 0  # steps skipped for a non-finite loss
+        self._scale = (None, None)  # (1 / the step's global count, as the tensor backward starts from)
 
     def __call__(self, number: int, micro: list[np.ndarray], count: int, lr: float, logged: bool) -> StepStats:
         """Run optimizer step `number` (1-based) on this worker's `micro`-batches, `count`
@@ -53,6 +54,8 @@ class Step:
 
     def _forward_backward(self, micro, scale: float, logged: bool):
         t, model = self.t, self.model
+        if self._scale[0] != scale:  # the count changes at an epoch's last step only: one tensor per count
+            self._scale = (scale, torch.full((), scale, device=self.device))
         samples, loss_sum, right, t_data = 0, 0.0, 0, 0.0
         for i, rows in enumerate(micro):  # micro-batches: gradients add up in place
             ta = time.perf_counter()
@@ -62,8 +65,9 @@ class Step:
             with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
                 out = model(xb)
             loss = losses.loss_sum(t.loss, out.float(), yb)
-            # dist: scaled by 1 / the global count before backward, so the summed gradients are the mean
-            (loss * scale).backward()
+            # dist: backward from 1 / the global count (not 1), so the summed gradients are the mean;
+            # the same floats as (loss * scale).backward(), without a node for the product
+            loss.backward(self._scale[1])
             samples += len(rows)
             loss_sum = loss_sum + loss.detach() if i else loss.detach()  # one micro-batch: no tensor op
             if logged:

