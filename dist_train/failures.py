@@ -161,8 +161,7 @@ def abort_world(abort: Callable[[int], None], code: int) -> None:
             hook()
         except Exception:  # noqa: BLE001 - aborting anyway
             pass
-    sys.stdout.flush()
-    sys.stderr.flush()
+    say()  # what stdout holds goes out first
     abort(code)
 
 

@@ -76,6 +76,8 @@ def prepare(args, world_size: int, lock: str | None = "hold") -> Job:
     only fails if another run holds it, None leaves it (another process holds it)."""
     cfg = config.load(args.config, args.set)
     config.check_world(cfg, world_size)
+    if lock is not None and args.out:
+        check_unlocked(args.out)  # a run in progress there: say that, not what its files look like
     out = out_dir(args)
     ds = data.load(cfg)
     outputs = validate.check(cfg, ds)
@@ -83,8 +85,6 @@ def prepare(args, world_size: int, lock: str | None = "hold") -> Job:
     if lock == "hold":
         held = OutLock(out).acquire()
         prepare_out_dir(out, args.resume)  # again, now that no other run can start on it
-    elif lock == "check":
-        check_unlocked(out)
     return Job(cfg, ds, outputs, out, args.resume, held)
 
 

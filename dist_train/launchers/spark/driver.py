@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ... import config, data, failures, models
 from ...errors import ConfigError, UserError
-from ...files import OutLock, atomic_write
+from ...files import OutLock, atomic_write, check_unlocked
 from ...train import Result, validate
 from ...train.checkpoint import load_bytes
 from ...train.outputs import prepare_out_dir, write_final
@@ -124,6 +124,7 @@ def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, l
     preflight(spark, cfg)
     out = Path(out_dir).resolve() if out_dir else None
     if out is not None:
+        check_unlocked(out)  # a run in progress there: say that, not what its files look like
         prepare_out_dir(out, resume)
     source = _source(spark, cfg, df)
     lock = OutLock(out).acquire() if out is not None else None  # the driver writes the run: it holds --out
