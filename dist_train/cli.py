@@ -145,16 +145,19 @@ def supervise(cmd: list[str], env: dict, *, whole_group: bool) -> int:
     JVM, driver and Python workers are; else the child only, as mpirun ends its ranks itself),
     what still runs KILL_AFTER_S later is killed, and this process returns 128 + the signal.
     If this process dies, the child gets SIGTERM (Linux)."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_term_with_parent)
     got: list[tuple[int, float]] = []
+    proc = None
 
     def forward(signum, frame):
-        if not got:
-            got.append((signum, time.monotonic()))
-            _signal(proc, signal.SIGTERM, whole_group)
+        got.append((signum, time.monotonic()))
+        if proc is not None:  # a second signal: kill what is left now
+            _signal(proc, signal.SIGTERM if len(got) == 1 else signal.SIGKILL, whole_group or len(got) > 1)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_term_with_parent)
+        if got:  # a signal came while it started
+            _signal(proc, signal.SIGTERM, whole_group)
         while True:
             try:
                 code = proc.wait(timeout=0.2)
@@ -167,7 +170,7 @@ def supervise(cmd: list[str], env: dict, *, whole_group: bool) -> int:
             signal.signal(s, handler)
     _signal(proc, signal.SIGKILL, True)  # anything of its group left behind (it is gone itself)
     if not got:
-        return code
+        return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
     failures.say(f"error: interrupted by {signal.Signals(got[0][0]).name}: {Path(cmd[0]).name} and its workers "
                  f"were stopped")
     return 128 + got[0][0]

@@ -56,6 +56,7 @@ class Progress:
     def __init__(self):
         self.step = 0  # the optimizer step being run (1-based), 0 before training
         self.training = False  # inside fit's loop: leaving now is a failure
+        self.finished = False  # past fit's last collective: a peer leaving now is no failure
         self.collectives = 0  # entered so far (comm.watchdog counts them)
 
 
@@ -200,6 +201,7 @@ def run(main: Callable[[], object], *, rank: Callable[[], int], world: Callable[
     """Run a worker's `main` under the policy: 0, or SystemExit with the failure's code.
     `rank` and `world` are asked only on failure (they may not be known before the world
     is joined)."""
+    reset()  # a new worker's main (tests and notebooks run several in one process)
     try:
         main()
         return 0

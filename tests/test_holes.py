@@ -53,6 +53,34 @@ def test_a_rank_that_leaves_early_ends_the_job_within_seconds(mode, tmp_path):
     assert not (tmp_path / "o" / "model.pt").exists()
 
 
+def test_the_whole_job_paused_past_the_timeout_then_continued_is_no_stall(tmp_path):
+    """SIGSTOP of every rank for longer than comm.timeout_s (a suspended allocation, Ctrl-Z),
+    then SIGCONT: the job goes on; no rank blames another for the pause they all had."""
+    import os
+    import signal
+
+    out = tmp_path / "o"
+    cmd = mpirun_cmd(2, [sys.executable, ROOT / "launchers/mpi.py", "conf/digits.yaml", "--out", out, "--set",
+                         "train.epochs=40", "--set", "train.log_every=5", "--set", "comm.timeout_s=2"])
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-f", f"launchers/mpi.py conf/digits.yaml --out {out}"],
+                                             capture_output=True, text=True).stdout.split()]
+    ranks = [p for p in ranks if p != proc.pid]
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(4)
+    for pid in ranks:
+        os.kill(pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "error:" not in err, err[-3000:]
+
+
 def mpmd(tmp_path, first: list[str], second: list[str], config="conf/digits.yaml"):
     """mpirun with two app contexts: rank 0 with `first`, rank 1 with `second` (--set values)."""
     out = tmp_path / "o"
@@ -67,7 +95,8 @@ def mpmd(tmp_path, first: list[str], second: list[str], config="conf/digits.yaml
 @pytest.mark.parametrize("first,second,key", [
     (["model.hidden=[32]"], ["model.hidden=[64]"], "model.hidden"),
     (["train.lr=0.1"], ["train.lr=0.2"], "train.lr"),
-], ids=["model", "lr"])
+    (["comm.shm=true"], ["comm.shm=false"], "comm.shm"),  # decided before the shared-memory setup's collectives
+], ids=["model", "lr", "shm"])
 def test_mpmd_ranks_with_different_configs_stop_with_one_line(tmp_path, first, second, key):
     p = mpmd(tmp_path, first, second)
     assert p.returncode == 2, p.stderr[-3000:]

@@ -31,6 +31,13 @@ def test_a_script_under_torchrun_trains_what_mpirun_trains(shm, tmp_path):
     assert s["launcher"] == "torchrun" and s["world_size"] == 2
 
 
+def test_workers_may_end_apart_once_fit_is_done_without_closing_anything(tmp_path):
+    """The simplest script: fit, and nothing else. Rank 1 ends while rank 0 works on."""
+    p = run([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), ROOT / "tests/torchrun_script.py",
+             "conf/xor.yaml", tmp_path / "o", "train.epochs=20", "--plain"], timeout=180)
+    assert p.returncode == 0 and "error:" not in p.stderr, p.stderr[-3000:]
+
+
 def test_each_launch_kind_is_detected_from_its_variables():
     torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1",
                 "MASTER_PORT": "29400", "TORCHELASTIC_USE_AGENT_STORE": "True"}

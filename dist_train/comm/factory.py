@@ -32,9 +32,17 @@ def connect(env: Environment, *, timeout_s: float = 300.0, shm: bool = True,
         inner = base or torchdist.connect(env.address, env.port, env.rank, env.world_size, timeout_s, store=store,
                                           store_running=env.store_running)
         split, barrier_s = torchdist.split, timeout_s
-    if shm and host.supported():
+    if _everyone(inner, shm and host.supported()):  # decided alike, or the collectives below would not match
         inner = host.share(inner, split, hosts=env.hosts, timeout_s=barrier_s)
     return watchdog.Watched(inner, timeout_s, fail, address=env.own_address)
+
+
+def _everyone(comm: Communicator, mine: bool) -> bool:
+    """True on every worker if it is true on every worker (a differing config is then
+    named by the start agreement, after the communicator is built)."""
+    votes = torch.tensor([1.0 if mine else 0.0], dtype=torch.float64)
+    comm.allreduce(votes)
+    return votes.item() == comm.world_size
 
 
 def buffer(comm: Communicator, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

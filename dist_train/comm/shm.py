@@ -90,6 +90,8 @@ class _Arrivals:
                 time.sleep(0.00002 if spins < 20000 else 0.0005)
                 now = time.monotonic()
                 if now > next_check:
+                    if now - next_check > 1.0:  # this process was paused (the whole job stopped): not waiting
+                        start += now - next_check
                     self._check_peers(target, now - start)
                     next_check = now + 0.1
 

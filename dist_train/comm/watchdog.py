@@ -37,6 +37,7 @@ from ..errors import PeerFailure
 from .base import Communicator
 
 BEAT_S = 0.1
+SETUP_S = 60.0  # the ring forms within this (or comm.timeout_s, if shorter), or the job fails at start
 FRAME = struct.Struct("!iqq")  # kind, step, collectives
 HELLO = struct.Struct("!8si")  # job token, rank
 BEAT, DONE, ABORT = 1, 2, 3
@@ -80,10 +81,14 @@ class Watchdog(threading.Thread):
         try:
             table = _exchange(comm, address or _own_address(), listener.getsockname()[1])
             token = hashlib.sha256(table[0].numpy().tobytes()).digest()[:8]
-            deadline = time.monotonic() + timeout_s
+            deadline = time.monotonic() + min(timeout_s, SETUP_S)
             self._down = _connect(table[self.peer], deadline)  # the successor, watched through this one
-            self._down.sendall(HELLO.pack(token, self.rank))
-            self._up = _accept(listener, token, (self.rank - 1) % self.world, deadline)
+            try:
+                self._down.sendall(HELLO.pack(token, self.rank))
+                self._up = _accept(listener, token, (self.rank - 1) % self.world, deadline)
+            except BaseException:
+                self._down.close()
+                raise
             self._up.settimeout(1.0)  # a watcher that stopped reading (frozen) must not block this thread
         finally:
             listener.close()
@@ -93,18 +98,29 @@ class Watchdog(threading.Thread):
         self.start()
 
     def run(self):
-        next_beat = 0.0
+        try:
+            self._watch()
+        except Exception as e:  # noqa: BLE001 - a watchdog that breaks must not look like a frozen rank
+            failures.say(f"[dist-train] rank {self.rank}: the watchdog stops watching rank {self.peer}: {e!r}")
+        while not self._halt.wait(BEAT_S):  # the successor is done or aborting: keep telling ours that we live
+            self._send(BEAT)
+
+    def _watch(self) -> None:
+        poller = select.poll()  # not select.select: a descriptor past 1023 would break it
+        poller.register(self._down, select.POLLIN)
+        next_beat, last = 0.0, time.monotonic()
         while not self._halt.is_set() and not self._peer_left:
+            if poller.poll(BEAT_S * 1000):
+                self._read()
             now = time.monotonic()
+            if now - last > 10 * BEAT_S:  # this process was paused (SIGSTOP of the job, a suspended allocation):
+                self._heard, self._behind_since = now, None  # its peers were too; give them their beats first
+            last = now
             if now >= next_beat:
                 self._send(BEAT)
                 next_beat = now + BEAT_S
-            if select.select([self._down], [], [], BEAT_S)[0]:
-                self._read()
             if not self._peer_left:
-                self._check(time.monotonic())
-        while not self._halt.wait(BEAT_S):  # the successor is done or aborting: keep telling ours that we live
-            self._send(BEAT)
+                self._check(now)
 
     def _read(self) -> None:
         try:
@@ -113,7 +129,8 @@ class Watchdog(threading.Thread):
             data = b""
         if not data:  # the successor's process is gone
             self._peer_left = True
-            self._report(f"error: rank {self.peer} exited at step {self._at()}")
+            if not failures.PROGRESS.finished:  # past the last collective every worker may leave
+                self._report(f"error: rank {self.peer} exited at step {self._at()}")
             return
         self._pending += data
         while len(self._pending) >= FRAME.size:
@@ -227,9 +244,10 @@ def _accept(listener: socket.socket, token: bytes, rank: int, deadline: float) -
     """The connection from `rank` (a stray connection without this job's hello is dropped)."""
     while True:
         listener.settimeout(max(deadline - time.monotonic(), 0.1))
+        s = None
         try:
             s, _ = listener.accept()
-            s.settimeout(max(deadline - time.monotonic(), 0.1))
+            s.settimeout(2.0)  # a stray connection that says nothing is dropped, not waited for
             hello = b""
             while len(hello) < HELLO.size:
                 chunk = s.recv(HELLO.size - len(hello))
@@ -237,6 +255,8 @@ def _accept(listener: socket.socket, token: bytes, rank: int, deadline: float) -
                     break
                 hello += chunk
         except OSError:
+            if s is not None:
+                s.close()
             if time.monotonic() > deadline:
                 raise PeerFailure(f"rank {rank} did not join the watchdog's ring in time") from None
             continue

@@ -84,7 +84,11 @@ def prepare(args, world_size: int, lock: str | None = "hold") -> Job:
     held = None
     if lock == "hold":
         held = OutLock(out).acquire()
-        prepare_out_dir(out, args.resume)  # again, now that no other run can start on it
+        try:
+            prepare_out_dir(out, args.resume)  # again, now that no other run can start on it
+        except UserError:
+            held.release()
+            raise
     return Job(cfg, ds, outputs, out, args.resume, held)
 
 

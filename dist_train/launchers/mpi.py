@@ -45,9 +45,13 @@ def _train(world, argv) -> None:
     comm = connect(env, timeout_s=cfg.comm.timeout_s, shm=cfg.comm.shm, base=world,
                    fail=lambda line: (failures.say(line), mpi.abort(1)))
     threads = device.set_threads(device.thread_budget(local_workers=env.local_size, override=cfg.threads))
-    with failures.leaving(comm):
-        fit(cfg, comm, job.worker_data(), out_dir=job.out, resume=job.resume, launcher="mpi",
-            local_rank=env.local_rank, threads=threads)
+    try:
+        with failures.leaving(comm):
+            fit(cfg, comm, job.worker_data(), out_dir=job.out, resume=job.resume, launcher="mpi",
+                local_rank=env.local_rank, threads=threads)
+    finally:
+        if job.lock is not None:
+            job.lock.release()
 
 
 def command(n: int, program: list[str], extra: list[str] = (), cores: int | None = None,

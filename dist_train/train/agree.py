@@ -36,8 +36,10 @@ def agree_at_start(comm, cfg, data: dict, start_step: int) -> None:
         return
     mine = fingerprint(cfg, data, start_step)
     root = _from_rank_0(comm, mine)
-    keys = list(root) + [k for k in mine if k not in root]
-    first = next((i for i, k in enumerate(keys) if mine.get(k) != root.get(k)), None)
+    keys = list(root)  # indices every worker reads alike; len(keys): a key rank 0 does not have
+    first = next((i for i, k in enumerate(keys) if mine.get(k) != root[k]), None)
+    if first is None and set(mine) - set(root):
+        first = len(keys)
     flags = torch.zeros(comm.world_size, dtype=torch.float64)
     flags[comm.rank] = 0 if first is None else first + 1
     comm.allreduce(flags)  # dist: which ranks differ, and on which key first
@@ -46,7 +48,7 @@ def agree_at_start(comm, cfg, data: dict, start_step: int) -> None:
         return
     speaker, at = differing[0]
     ranks = ", ".join(str(r) for r, i in differing if i == at)
-    key = keys[at] if at < len(keys) else "the config"
+    key = keys[at] if at < len(keys) else "the config's keys (another version of dist-train?)"
     values = f": {mine.get(key)} on rank {speaker}, {root.get(key)} on rank 0" if comm.rank == speaker else ""
     error = StartMismatch(f"workers started differently: rank(s) {ranks} differ from rank 0 on {key}{values} "
                           f"({_hint(key)})")

@@ -88,6 +88,7 @@ class FusedGrads:
             owned = sorted(where[p] for m in self.in_place for p in m.parameters(recurse=False))
             self._cleared = _gaps(owned, total + tail)  # where backward accumulates, and the tail
         self.tail = self.flat[self.n:]
+        self.exact_counts = 2 ** round(1 - math.log2(torch.finfo(dtype).eps))  # counts the tail holds exactly
         self._tail_np = self.tail.numpy() if self.tail.device.type == "cpu" else None
         self.nbytes = (total + tail) * self.flat.element_size()
 

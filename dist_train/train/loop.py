@@ -88,6 +88,7 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
 
 def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet) -> Run:
     started = time.perf_counter()
+    failures.PROGRESS.step, failures.PROGRESS.finished = 0, False
     config.check_world(cfg, comm.world_size)
     device = resolve_device(cfg.device, local_rank)
     torch.manual_seed(cfg.seed)
@@ -178,11 +179,11 @@ def finish(run: Run, write_outputs: bool) -> Result:
     writer.checkpoint(run.pos.step, checkpoint_state(run.model, run.optimizer, run.pos, cfg, run.comm.world_size),
                       cfg.checkpoint.keep)
     evaluation = evaluate(cfg, run.comm, run.model, run.data, run.device)
+    failures.PROGRESS.training, failures.PROGRESS.finished = False, True  # the last collective is behind us
     report = summary(run, evaluation, time.perf_counter() - run.started)
     writer.close()
     result = Result({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, report, run.model)
     if write_outputs and writer.active:
         write_final(writer.out, result.model_payload(cfg), report)
     writer.log(done_line(report))
-    failures.PROGRESS.training = False
     return result

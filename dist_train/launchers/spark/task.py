@@ -82,15 +82,15 @@ def _report(e: BaseException, rank: int) -> str:
         e = PeerFailure(failures.DIAGNOSIS[0])
     elif _is_peer_loss(e):  # a consequence, not the cause: let the failing rank's report reach the driver first
         time.sleep(PEER_LOSS_GRACE_S)
-    name = "SystemExit" if isinstance(e, SystemExit) and failures.PROGRESS.training else type(e).__name__
-    cause = f"rank {rank} exited at step {failures.PROGRESS.step}" if name == "SystemExit" else str(e) or name
+    name = type(e).__name__
+    cause = f"rank {rank} exited at step {failures.PROGRESS.step}" if isinstance(e, SystemExit) else str(e) or name
     return f"[rank {rank}] {name}: {cause}\n{''.join(traceback.format_exception(e))}"
 
 
 def _is_peer_loss(e: BaseException) -> bool:
     text = first_line(e, 10_000)
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                                   "exited while"))
+                                   "exited at step", "Timed out"))
 
 
 class Rendezvous:
