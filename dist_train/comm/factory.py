@@ -25,16 +25,20 @@ def connect(env: Environment, *, timeout_s: float = 300.0, shm: bool = True,
     if env.kind == "mpi":
         from . import mpi
 
-        inner, split, barrier_s = base or mpi.world(), mpi.split, timeout_s + 10  # the watchdog names a stall first
+        # MPI has no timeout: the watchdog names a stall first, the shared-memory barrier is a backstop
+        inner, split, barrier_s, slack_s = base or mpi.world(), mpi.split, timeout_s + 10, 0.0
     else:
         from . import torchdist
 
         inner = base or torchdist.connect(env.address, env.port, env.rank, env.world_size, timeout_s, store=store,
                                           store_running=env.store_running)
-        split, barrier_s = torchdist.split, timeout_s
+        # gloo times out by itself (timeout_s + MARGIN_S), and the shared-memory barrier names a late peer
+        # at timeout_s in the waiting worker's main thread, where its failure reaches the Spark driver; the
+        # watchdog acts a second later, for what neither sees (a frozen peer, a peer gone from the ring)
+        split, barrier_s, slack_s = torchdist.split, timeout_s, 1.0
     if _everyone(inner, shm and host.supported()):  # decided alike, or the collectives below would not match
         inner = host.share(inner, split, hosts=env.hosts, timeout_s=barrier_s)
-    return watchdog.Watched(inner, timeout_s, fail, address=env.own_address)
+    return watchdog.Watched(inner, timeout_s, fail, address=env.own_address, slack_s=slack_s)
 
 
 def _everyone(comm: Communicator, mine: bool) -> bool:

@@ -83,7 +83,8 @@ class _Arrivals:
         self.arrivals += 1
         self.counters[self.rank] = self.arrivals
         counters, target = self.counters, self.arrivals
-        spins, start, next_check = 0, time.monotonic(), 0.0
+        spins, start = 0, time.monotonic()
+        next_check = start
         while counters.min() < target:
             spins += 1
             if spins > 2000:
@@ -96,6 +97,8 @@ class _Arrivals:
                     next_check = now + 0.1
 
     def _check_peers(self, target: int, waited: float) -> None:
+        if failures.DIAGNOSIS:  # the watchdog named the cause: fail with it here, where this worker waits
+            raise PeerFailure(failures.DIAGNOSIS[0])
         late = [r for r in range(self.size) if self.counters[r] < target]
         for r in late:
             pid = int(self.pids[r])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import select
+import signal
 import socket
 import struct
 import threading
@@ -48,10 +49,10 @@ class Watched(Communicator):
     """`inner` with a watchdog: counts the collectives this worker enters (its progress)."""
 
     def __init__(self, inner: Communicator, timeout_s: float, fail: Callable[[str], None] | None = None,
-                 address: str | None = None):
+                 address: str | None = None, slack_s: float = 0.0):
         self._inner = inner
         self.rank, self.world_size = inner.rank, inner.world_size
-        self._dog = Watchdog(inner, timeout_s, fail or _leave, address)
+        self._dog = Watchdog(inner, timeout_s, fail or _leave, address, slack_s)
 
     def allreduce(self, buf):
         failures.PROGRESS.collectives += 1
@@ -72,9 +73,11 @@ def _leave(line: str) -> None:
 
 
 class Watchdog(threading.Thread):
-    def __init__(self, comm: Communicator, timeout_s: float, fail: Callable[[str], None], address: str | None):
+    def __init__(self, comm: Communicator, timeout_s: float, fail: Callable[[str], None], address: str | None,
+                 slack_s: float = 0.0):
         super().__init__(daemon=True, name="dist-train-watchdog")
         self.rank, self.world, self.timeout_s, self._fail = comm.rank, comm.world_size, timeout_s, fail
+        self._limit = timeout_s + slack_s  # when it acts (later than the transport's own checks, if those speak first)
         self.peer = (self.rank + 1) % self.world
         self._send_lock, self._halt, self._failed = threading.Lock(), threading.Event(), False
         listener = socket.create_server(("", 0), backlog=16)
@@ -92,6 +95,8 @@ class Watchdog(threading.Thread):
             self._up.settimeout(1.0)  # a watcher that stopped reading (frozen) must not block this thread
         finally:
             listener.close()
+        self._peer_pid = int(table[self.peer][1])
+        self._peer_here = _address_of(table[self.peer])[0] == _address_of(table[self.rank])[0]  # the same host
         self._heard, self._step, self._ops, self._behind_since = time.monotonic(), 0, 0, None
         self._peer_left, self._pending = False, b""
         failures.on_abort(self.aborting)
@@ -146,13 +151,18 @@ class Watchdog(threading.Thread):
                 self._step, self._ops, self._behind_since = step, ops, None
 
     def _check(self, now: float) -> None:
-        if now - self._heard > self.timeout_s:
+        if now - self._heard > self._limit:
             self._report(f"error: rank {self.peer} stalled: no heartbeat for {self.timeout_s:g} s at step "
                          f"{self._at()} (stopped, frozen, or holding the GIL in a C call)")
+            if self._peer_here:  # a frozen process ends with no signal but this one (mpirun sends it too)
+                try:
+                    os.kill(self._peer_pid, signal.SIGKILL)
+                except OSError:
+                    pass
         elif self._ops < failures.PROGRESS.collectives:  # behind this worker, which waits for it
             if self._behind_since is None:
                 self._behind_since = now
-            elif now - self._behind_since > self.timeout_s and now - self._heard < 10 * BEAT_S:  # silent: frozen
+            elif now - self._behind_since > self._limit and now - self._heard < 10 * BEAT_S:  # silent: frozen
                 self._report(f"error: rank(s) {self.peer} stalled: no progress for {self.timeout_s:g} s at step "
                              f"{self._at()} while the other ranks wait in its collective (comm.timeout_s)")
         else:
