@@ -113,6 +113,23 @@ def test_a_stalled_task_is_named(spark, tmp_path):
     assert "rank 1 did not arrive within 4 s (stalled)" in str(e.value), str(e.value)[:300]
 
 
+def test_a_frozen_task_off_shared_memory_is_named_and_leaves_nothing(spark, tmp_path):
+    """comm.shm false (gloo only) and rank 1 stopped with SIGSTOP: its watcher names it and
+    ends it; the driver gets that line; no stopped process is left."""
+    start = time.monotonic()
+    with pytest.raises(L.TrainingFailed) as e:
+        L.train(spark, ROOT / "conf/digits.yaml", sets=[
+            "train.epochs=50", "spark.workers=2", "comm.timeout_s=4", "comm.shm=false",
+            "model.target=tests.faulty:model", "model.kwargs={fail_rank: 1, fail_step: 4, mode: stop}"])
+    assert time.monotonic() - start < 40
+    assert "rank 1 stalled: no heartbeat for 4 s at step 4" in str(e.value), str(e.value)[:300]
+    deadline = time.monotonic() + 15  # its watcher kills it once its own failure is on its way to the driver
+    while (stopped := [p for p in subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True)
+                       .stdout.splitlines() if p.startswith("T") and "pyspark" in p]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not stopped, stopped
+
+
 def test_nan_on_one_task_stops_the_job_naming_step_and_rank(spark):
     with pytest.raises(L.TrainingFailed, match=r"non-finite loss at step 3 on rank\(s\) 1") as e:
         L.train(spark, ROOT / "conf/digits.yaml", sets=[

@@ -38,6 +38,7 @@ from ..errors import PeerFailure
 from .base import Communicator
 
 BEAT_S = 0.1
+FROZEN_KILL_S = 8.0  # after naming a frozen peer on this host, SIGKILL it (after gloo's own timeout has failed us)
 SETUP_S = 60.0  # the ring forms within this (or comm.timeout_s, if shorter), or the job fails at start
 FRAME = struct.Struct("!iqq")  # kind, step, collectives
 HELLO = struct.Struct("!8si")  # job token, rank
@@ -65,6 +66,13 @@ class Watched(Communicator):
     def close(self):
         self._dog.close()
         self._inner.close()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _leave(line: str) -> None:
@@ -154,11 +162,11 @@ class Watchdog(threading.Thread):
         if now - self._heard > self._limit:
             self._report(f"error: rank {self.peer} stalled: no heartbeat for {self.timeout_s:g} s at step "
                          f"{self._at()} (stopped, frozen, or holding the GIL in a C call)")
-            if self._peer_here:  # a frozen process ends with no signal but this one (mpirun sends it too)
-                try:
-                    os.kill(self._peer_pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            if self._peer_here:  # a frozen process ends with no signal but SIGKILL: send it, once this
+                # worker's own failure had time to be the one a launcher reports (mpirun kills it anyway)
+                killer = threading.Timer(FROZEN_KILL_S, _kill, args=(self._peer_pid,))
+                killer.daemon = True
+                killer.start()
         elif self._ops < failures.PROGRESS.collectives:  # behind this worker, which waits for it
             if self._behind_since is None:
                 self._behind_since = now
