@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name == "fit":  # dist_train.fit(cfg, comm, data, ...): the training loop (dist_train.train.fit)
-        from .train import fit
+    if name == "fit":  # dist_train.fit(config, model=, data=, loss=, ...): the API for a user's script
+        from .launchers.script import fit
 
         return fit
     raise AttributeError(name)

@@ -16,7 +16,6 @@ themselves), and dist-train returns only once it is gone.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, failures
+from . import config, failures, usercode
 from .errors import UserError
 from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
 from .train.outputs import PROGRESS_ENV
@@ -55,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     ex.add_argument("--out", help="file to write (default RUN_DIR/model.onnx or model.ts.pt)")
+    for p in (ev, pr, ex):
+        p.add_argument("--trust-code", action="store_true",
+                       help="import the user code the run's config names (model.target, data.target, train.loss...)")
     sub.add_parser("info", help="versions, threads, MPI, Spark, Java and devices (for a bug report)")
     pl = sub.add_parser("plot", help="PNG of loss/accuracy curves of runs, overlaid, and where step time went")
     pl.add_argument("runs", nargs="+")
@@ -102,8 +104,10 @@ def _spark(args) -> int:
     spark_submit = find_executable("spark-submit")
     if spark_submit is None:
         raise UserError("no spark-submit found: install pyspark with `pip install 'dist-train[spark]'`")
+    usercode.search_config_dir(args.config)
+    shipped = usercode.local_files(config.load(args.config, args.set))  # the user's modules, to the executors
     cmd = [spark_submit] + (["--master", args.master] if args.master else []) + args.spark_arg
-    cmd += [submit.__file__] + job_argv(args)
+    cmd += (["--py-files", ",".join(map(str, shipped))] if shipped else []) + [submit.__file__] + job_argv(args)
     failures.say("+ " + " ".join(cmd))
     return supervise(cmd, spark_env(), whole_group=True)
 
@@ -124,12 +128,13 @@ def _use(args) -> int:
     from . import use
 
     if args.command == "eval":
-        print(json.dumps(use.evaluate_run(args.run_dir, args.data)))
+        print(json.dumps(use.evaluate_run(args.run_dir, args.data, trust_code=args.trust_code)))
     elif args.command == "predict":
-        rows = use.predict_run(args.run_dir, args.input, args.out)
+        rows = use.predict_run(args.run_dir, args.input, args.out, trust_code=args.trust_code)
         print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
     elif args.command == "export":
-        print(f"wrote {use.export_run(args.run_dir, args.format, args.out)}", file=sys.stderr)
+        print(f"wrote {use.export_run(args.run_dir, args.format, args.out, trust_code=args.trust_code)}",
+              file=sys.stderr)
     else:
         use.print_info()
     return 0
@@ -155,7 +160,7 @@ def supervise(cmd: list[str], env: dict, *, whole_group: bool) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_term_with_parent)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_term_with_parent)  # (before exec)
         if got:  # a signal came while it started
             _signal(proc, signal.SIGTERM, whole_group)
         while True:
@@ -187,11 +192,8 @@ def _signal(proc: subprocess.Popen, signum: int, whole_group: bool) -> None:
 
 
 def _term_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent (this process) dies (PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: a parent's death leaves the job to its own devices
+    """In the child, before exec: SIGTERM when the parent (this process) dies."""
+    failures.kill_with_parent(signal.SIGTERM)
 
 
 def spark_env() -> dict:

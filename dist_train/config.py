@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -61,8 +62,54 @@ def _device(v):
 
 
 def _target(v):
-    mod, sep, attr = v.partition(":")
-    return None if sep and mod and attr else f"must look like 'package.module:factory', got {v!r}"
+    return None if is_target(v) else f"must look like 'package.module:factory', got {v!r}"
+
+
+def is_target(v) -> bool:
+    """'package.module:name': user code by import path."""
+    mod, sep, attr = str(v).partition(":")
+    return bool(sep and mod.strip() and attr.strip())
+
+
+BUILTIN_LOSSES = ("cross_entropy", "mse", "bce")
+BUILTIN_METRICS = ("accuracy", "topK (top5, ...)", "mae", "mse")
+
+
+def _loss(v):
+    if v in BUILTIN_LOSSES or is_target(v):
+        return None
+    return f"must be one of {', '.join(BUILTIN_LOSSES)} or 'package.module:fn', got {v!r}{_nearest_choice(v, BUILTIN_LOSSES)}"
+
+
+def _metrics(v):
+    for m in v:
+        if not isinstance(m, str) or not (m in ("accuracy", "mae", "mse") or re.fullmatch(r"top[1-9]\d*", m)
+                                          or is_target(m)):
+            close = _nearest_choice(m, ("accuracy", "top5", "mae", "mse"))
+            return f"unknown metric {m!r}: use accuracy, topK (top5, ...), mae, mse or 'package.module:fn'{close}"
+    return None
+
+
+def _optimizer(v):
+    """Any torch.optim class by name (any case), or an import path."""
+    if is_target(v):
+        return None
+    names = optimizer_names()
+    if v.lower() in names:
+        return None
+    close = difflib.get_close_matches(v.lower(), list(names), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown optimizer {v!r}: a torch.optim class ({', '.join(sorted(names))}) or 'package.module:Class'{hint}"
+
+
+def optimizer_names() -> dict[str, str]:
+    """lower-case name -> torch.optim class name, for every optimizer torch.optim offers."""
+    import torch.optim
+
+    return {name.lower(): name for name in dir(torch.optim)
+            if isinstance(getattr(torch.optim, name), type) and issubclass(getattr(torch.optim, name),
+                                                                          torch.optim.Optimizer)
+            and name != "Optimizer"}
 
 
 KEYS: tuple[Key, ...] = (
@@ -75,12 +122,19 @@ KEYS: tuple[Key, ...] = (
     Key("model.hidden", list, [64], "hidden layer widths of the mlp", check=_positive_ints),
     Key("model.outputs", int, None, "output width of a built-in model; null = from the data (classes or target width)",
         optional=True, check=_positive),
-    Key("model.target", str, None, "user model as 'package.module:factory' returning a torch.nn.Module",
-        optional=True, check=_target),
+    Key("model.target", str, None, "user model as 'package.module:factory' returning a torch.nn.Module; the "
+        "factory also gets input_shape and outputs where its signature takes them", optional=True, check=_target),
     Key("model.kwargs", dict, {}, "keyword arguments for model.target's factory"),
     # data
     Key("data.name", str, "digits", "built-in dataset or file format",
         ("xor", "perceptron", "digits", "synthetic", "npz", "parquet")),
+    Key("data.target", str, None, "user dataset as 'package.module:factory' returning a map-style dataset "
+        "(__len__, __getitem__(i) -> (inputs, target)); data.name is then ignored", optional=True, check=_target),
+    Key("data.kwargs", dict, {}, "keyword arguments for data.target's factory"),
+    Key("data.collate", str, None, "data.target: 'package.module:fn' making a batch of a list of items "
+        "(default: torch's default_collate)", optional=True, check=_target),
+    Key("data.workers", int, 0, "data.target: processes per worker that fetch and transform items ahead of "
+        "the step (0: in the worker itself)", check=_non_negative),
     Key("data.path", str, None, "file for data.name npz (.npz with arrays x, y) or parquet (file or directory)",
         optional=True),
     Key("data.sampling", str, "shard", "shard: each worker shuffles its own fixed shard; global: each step is a "
@@ -93,12 +147,18 @@ KEYS: tuple[Key, ...] = (
     # train
     Key("train.epochs", int, 10, "passes over the training rows", check=_positive),
     Key("train.batch_size", int, 64, "global batch: samples per step summed over all workers", check=_positive),
-    Key("train.optimizer", str, "sgd", "optimizer", ("sgd", "adam")),
+    Key("train.optimizer", str, "sgd", "any torch.optim class by name, any case (sgd, adam, adamw, rmsprop, ...), "
+        "or 'package.module:Class'", check=_optimizer),
+    Key("train.optimizer_kwargs", dict, {}, "more keyword arguments for the optimizer (betas, eps, nesterov, ...)"),
     Key("train.lr", float, 0.1, "learning rate", check=_positive),
-    Key("train.momentum", float, 0.0, "sgd momentum", check=_fraction),
+    Key("train.momentum", float, 0.0, "momentum, for the optimizers that take one (sgd, rmsprop, muon)",
+        check=_fraction),
     Key("train.weight_decay", float, 0.0, "L2 weight decay", check=_non_negative),
-    Key("train.loss", str, "cross_entropy", "loss, summed per sample then averaged over the global batch",
-        ("cross_entropy", "mse", "bce")),
+    Key("train.loss", str, "cross_entropy", "cross_entropy, mse, bce, or 'package.module:fn' with fn(outputs, "
+        "targets) -> one loss per sample; summed, then divided by the global batch's sample count", check=_loss),
+    Key("train.metrics", list, None, "metrics logged in training and evaluation, each summed exactly over "
+        "workers: accuracy, topK (top5, ...), mae, mse, 'package.module:fn'; null = accuracy for cross_entropy "
+        "and bce, none otherwise", optional=True, check=_metrics),
     Key("train.schedule", str, "constant", "learning-rate schedule after warmup", ("constant", "cosine", "step")),
     Key("train.warmup_steps", int, 0, "linear warmup from 0 to the full lr over this many steps", check=_non_negative),
     Key("train.decay_every", int, 1000, "step schedule: multiply the lr by train.decay_factor every N steps",
@@ -279,8 +339,12 @@ def _check_combinations(v: dict[str, Any], check_files: bool = True) -> None:
         raise ConfigError("data.path", f"is required when data.name is {v['data.name']}")
     if check_files and v["data.path"] and v["data.name"] in ("npz", "parquet") and not Path(v["data.path"]).exists():
         raise ConfigError("data.path", f"file {v['data.path']} does not exist")
-    if v["train.optimizer"] == "adam" and v["train.momentum"]:
-        raise ConfigError("train.momentum", "applies to sgd only; adam has its own betas")
+    if v["train.momentum"] and not is_target(v["train.optimizer"]) and v["train.optimizer"].lower() not in MOMENTUM:
+        raise ConfigError("train.momentum", f"applies to {', '.join(MOMENTUM)} only; {v['train.optimizer']} has "
+                          f"its own (betas, set in train.optimizer_kwargs)")
+
+
+MOMENTUM = ("sgd", "rmsprop", "muon")  # the torch.optim classes with a momentum argument
 
 
 def check_world(cfg: Section, world_size: int) -> None:
@@ -292,7 +356,7 @@ def check_world(cfg: Section, world_size: int) -> None:
 
 def to_dict(cfg: Section) -> dict:
     """Plain nested dicts (for YAML, JSON and checkpoints)."""
-    return {k: to_dict(v) if isinstance(v, dict) and k != "kwargs" else _copy(v) for k, v in cfg.items()}
+    return {k: to_dict(v) if isinstance(v, dict) and not k.endswith("kwargs") else _copy(v) for k, v in cfg.items()}
 
 
 def flat_items(cfg: dict, prefix: str = ""):

@@ -17,13 +17,15 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def thread_budget(local_workers: int, cores: int | None = None, override: int | None = None) -> int:
-    """Torch threads per worker: the cores given, shared by the workers on this host
+def thread_budget(local_workers: int, cores: int | None = None, override: int | None = None,
+                  data_workers: int = 0) -> int:
+    """Torch threads per worker: the cores given, shared by the workers on this host, less
+    one for each of its data processes (`data.workers`, one thread each), at least one
     (or `override`, the config's `threads`)."""
     if override:
         return override
     cores = host_cores() if cores is None else cores
-    return max(1, cores // max(1, local_workers))
+    return max(1, cores // max(1, local_workers) - data_workers)
 
 
 def set_threads(n: int) -> int:

@@ -212,6 +212,17 @@ def run(main: Callable[[], object], *, rank: Callable[[], int], world: Callable[
     return 0
 
 
+def kill_with_parent(signum: int = 9) -> None:
+    """This process gets `signum` (default SIGKILL) the moment its parent dies
+    (PR_SET_PDEATHSIG; Linux). For children that must never outlive their worker."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum)
+    except (OSError, AttributeError):
+        pass  # not Linux: a parent's death leaves the child to its own devices
+
+
 _PARENT_WATCH: list[int] = []
 
 

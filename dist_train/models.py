@@ -7,13 +7,13 @@ live in the loss, where they are numerically stable.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import usercode
 from .errors import ConfigError
 
 
@@ -110,38 +110,43 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def load_target(target: str):
-    """'package.module:factory' -> the factory, or a ConfigError naming what failed."""
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError("model.target", f"cannot import {module_name!r}: {type(e).__name__}: {e}") from None
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise ConfigError("model.target", f"module {module_name!r} has no attribute {attr!r}")
-    if not callable(factory):
-        raise ConfigError("model.target", f"{target} is not callable")
-    return factory
-
-
-def build(cfg, sample_shape: tuple[int, ...], outputs: int) -> nn.Module:
-    """The model `cfg.model` describes, for samples of `sample_shape` and `outputs` outputs."""
+def build(cfg, sample_shape, outputs: int | None, given=None) -> nn.Module:
+    """The model for samples of `sample_shape` (a tuple, or a tuple/dict of them for several
+    inputs) and `outputs` outputs (None: unknown, the model decides): `given` (an nn.Module,
+    or a factory), else `cfg.model.target`'s factory, else the built-in `cfg.model.name`.
+    A factory gets `cfg.model.kwargs`, and `input_shape` and `outputs` where its signature
+    takes them."""
     m = cfg.model
-    if m.target:
-        factory = load_target(m.target)
-        try:
-            model = factory(**m.kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError("model.target", f"{m.target}(**model.kwargs) raised {type(e).__name__}: {e}") from None
+    if isinstance(given, nn.Module):
+        return given
+    if given is not None or m.target:
+        key = "model.target" if given is None else "model"
+        factory = given if given is not None else usercode.load(m.target, key)
+        offered = {"input_shape": sample_shape} | ({"outputs": outputs} if outputs is not None else {})
+        model = usercode.call(factory, key, m.kwargs, **offered)
         if not isinstance(model, nn.Module):
-            raise ConfigError("model.target", f"{m.target} returned {type(model).__name__}, not a torch.nn.Module")
+            raise ConfigError(key, f"{m.target or 'the factory'} returned {type(model).__name__}, "
+                              f"not a torch.nn.Module")
         return model
+    if not isinstance(sample_shape, tuple) or not all(isinstance(d, int) for d in sample_shape):
+        raise ConfigError("model.name", f"the built-in {m.name} takes one tensor per sample; the data gives "
+                          f"{sample_shape}: set model.target")
+    if outputs is None:
+        raise ConfigError("model.outputs", "the data does not say how many outputs the model needs: set "
+                          "model.outputs (or give the dataset a num_classes attribute)")
     inputs = math.prod(sample_shape)
     if m.name == "perceptron":
         return Perceptron(inputs, outputs)
     if m.name == "mlp":
         return mlp(inputs, m.hidden, outputs)
     return LeNet(tuple(sample_shape), outputs)
+
+
+def apply(model: nn.Module, inputs):
+    """The model on a batch of inputs: a tensor as model(x), a tuple or list as
+    model(*inputs), a dict as model(**inputs) (several inputs, each batched)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)

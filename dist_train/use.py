@@ -19,23 +19,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config, data, device, models
+from . import config, data, device, models, usercode
 from .comm import LocalComm
 from .data import WorkerData
+from .data.items import from_jsonable, jsonable
 from .errors import DataError, UserError, first_line
 from .files import atomic
 from .launchers.common import find_executable
+from .train import losses, metrics
 from .train.evaluate import evaluate
 from .train.losses import predict as to_predictions
 from .train.outputs import load_model_file
 
 
-def load_run(run_dir: str | Path):
-    """(config, model in eval mode, meta) from a run's model.pt."""
+def load_run(run_dir: str | Path, trust_code: bool = False):
+    """(config, model in eval mode, meta) from a run's model.pt. A config naming user code
+    is refused unless `trust_code`: importing a module runs it."""
     payload = load_model_file(run_dir)
     cfg = config.build(dict(config.flat_items(payload["config"])), check_files=False)
     meta = payload["meta"]
-    model = models.build(cfg, tuple(meta["sample_shape"]), meta["outputs"])
+    if meta.get("model") == "object":
+        raise UserError(f"{run_dir}: its model was given to dist_train.fit as an object; load model.pt's "
+                        f"state_dict into that model instead")
+    usercode.refuse_untrusted(cfg, f"{run_dir}/model.pt", trust_code)
+    if str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))  # the user's modules, from where the run was started
+    model = models.build(cfg, from_jsonable(meta["sample_shape"]), meta["outputs"])
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
@@ -43,17 +52,22 @@ def load_run(run_dir: str | Path):
     return cfg, model.eval(), meta
 
 
-def evaluate_run(run_dir: str | Path, data_path: str | None = None) -> dict:
-    """Loss and accuracy of a run's model: on its held-out rows, or on every row of `data_path`."""
-    cfg, model, meta = load_run(run_dir)
+def evaluate_run(run_dir: str | Path, data_path: str | None = None, trust_code: bool = False) -> dict:
+    """Loss and metrics of a run's model: on its held-out rows, or on every row of `data_path`."""
+    cfg, model, meta = load_run(run_dir, trust_code)
     if data_path is not None:
         kind = "parquet" if str(data_path).endswith(".parquet") or Path(data_path).is_dir() else "npz"
-        cfg = config.build({**dict(config.flat_items(config.to_dict(cfg))), "data.name": kind,
+        cfg = config.build({**dict(config.flat_items(config.to_dict(cfg))), "data.name": kind, "data.target": None,
                             "data.path": str(data_path), "data.eval_fraction": 0.0})
     ds = data.load(cfg)
-    if ds.sample_shape != tuple(meta["sample_shape"]):
-        raise DataError(f"samples of shape {list(ds.sample_shape)} do not fit the model's {meta['sample_shape']}")
-    return evaluate(cfg, LocalComm(), model, WorkerData.whole(ds, meta["outputs"]), torch.device("cpu"))
+    if ds.sample_shape != from_jsonable(meta["sample_shape"]):
+        raise DataError(f"samples of shape {jsonable(ds.sample_shape)} do not fit the model's {meta['sample_shape']}")
+    if isinstance(ds, data.Items):
+        ds.outputs, worker = meta["outputs"], ds
+    else:
+        worker = WorkerData.whole(ds, meta["outputs"])
+    loss = losses.resolve(cfg.train.loss)
+    return evaluate(cfg, LocalComm(), model, worker, torch.device("cpu"), loss, metrics.resolve(cfg.train.metrics, loss))
 
 
 def read_inputs(path: str | Path, sample_shape, label_column: str) -> np.ndarray:
@@ -83,12 +97,13 @@ def read_inputs(path: str | Path, sample_shape, label_column: str) -> np.ndarray
                         f"samples of shape {list(sample_shape)}") from None
 
 
-def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_size: int = 1024) -> int:
+def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_size: int = 1024,
+                trust_code: bool = False) -> int:
     """Write predictions (class ids, 0/1, or values) for every input row to a Parquet file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cfg, model, meta = load_run(run_dir)
+    cfg, model, meta = load_run(run_dir, trust_code)
     x = read_inputs(inputs, tuple(meta["sample_shape"]), cfg.data.label_column)
     preds = []
     with torch.no_grad():
@@ -105,12 +120,12 @@ def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_
 EXPORT_SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx"}
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, trust_code: bool = False) -> Path:
     """Write the run's model as TorchScript (`torch.jit.load`) or ONNX (opset 17), with a
     variable batch dimension; the file is written whole or not at all."""
     import warnings
 
-    cfg, model, meta = load_run(run_dir)
+    cfg, model, meta = load_run(run_dir, trust_code)
     out = Path(out) if out else Path(run_dir) / f"model{EXPORT_SUFFIX[fmt]}"
     example = torch.zeros(2, *meta["sample_shape"])
     try:

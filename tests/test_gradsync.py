@@ -7,7 +7,7 @@ import torch
 
 from dist_train import models
 from dist_train.comm import LocalComm
-from dist_train.train import gradsync, losses
+from dist_train.train import gradsync, losses, metrics
 from dist_train.train.gradsync import FusedGrads, broadcast_parameters, parameter_checksums
 
 from .helpers import PosedComm, run_threads
@@ -35,7 +35,7 @@ def test_allreduced_gradient_equals_full_batch_gradient(sizes):
 
     def rank(comm):
         m = copy.deepcopy(model)
-        fused = FusedGrads(m, comm)
+        fused = FusedGrads(m, comm, metrics=1)
         fused.zero()
         xs, ys = x[bounds[comm.rank]:bounds[comm.rank + 1]], y[bounds[comm.rank]:bounds[comm.rank + 1]]
         loss, right = 0.0, 0
@@ -43,8 +43,8 @@ def test_allreduced_gradient_equals_full_batch_gradient(sizes):
             out = m(xs)
             loss = losses.loss_sum("cross_entropy", out, ys)
             (loss / len(x)).backward()  # scaled by 1 / the global count before backward, as the step does
-            right = losses.correct("cross_entropy", out, ys)
-        stats = fused.sync(comm, len(xs), loss.detach() if len(xs) else 0.0, right)
+            right = float(metrics.accuracy(out, ys)[0])
+        stats = fused.sync(comm, len(xs), loss.detach() if len(xs) else 0.0, (right, len(xs)))
         return torch.cat([p.grad.reshape(-1) for p in m.parameters()]), stats
 
     full_loss = float(losses.loss_sum("cross_entropy", model(x), y).detach()) / len(x)
@@ -52,6 +52,7 @@ def test_allreduced_gradient_equals_full_batch_gradient(sizes):
         torch.testing.assert_close(grads, expected, atol=1e-12, rtol=1e-12)
         assert stats.count == len(x)
         assert stats.loss == pytest.approx(full_loss, rel=1e-12)
+        assert stats.metrics == ((float((model(x).argmax(1) == y).sum()), len(x)),)  # summed exactly
 
 
 def test_grads_are_views_into_the_flat_buffer():
@@ -69,14 +70,14 @@ def test_non_finite_losses_are_flagged_with_their_ranks_and_the_samples_summed()
     model = make_model()
 
     def rank(comm):
-        fused = FusedGrads(copy.deepcopy(model), comm)
+        fused = FusedGrads(copy.deepcopy(model), comm, metrics=2)
         fused.zero()
         loss = float("nan") if comm.rank in (1, 3) else 1.5
-        return fused.sync(comm, comm.rank + 1, loss, comm.rank, arrived=0.1 * comm.rank)
+        return fused.sync(comm, comm.rank + 1, loss, (comm.rank, 1, 2 * comm.rank, 3), arrived=0.1 * comm.rank)
 
     for r, stats in enumerate(run_threads(4, rank)):
         assert stats.nonfinite_ranks == (1, 3) and stats.loss != stats.loss  # NaN
-        assert stats.count == 10 and stats.correct == 6
+        assert stats.count == 10 and stats.metrics == ((6, 4), (12, 12))
         assert stats.waited == pytest.approx(0.3 - 0.1 * r)  # from the last one's arrival, told apart on every rank
 
 
@@ -150,7 +151,7 @@ def test_layers_writing_their_own_gradients_match_autograd_bit_for_bit(micro, wo
                     x, y = torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 6, (5,), generator=gen)
                     loss = losses.loss_sum("cross_entropy", m(x, both=step < 2), y)
                     (loss * scale).backward()
-                fused.sync(comm, 5 * micro, 0.0, 0)
+                fused.sync(comm, 5 * micro, 0.0)
                 flats.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
                 opt.step()
             got[in_place] = (flats, [p.detach().clone() for p in m.parameters()], len(fused.in_place))

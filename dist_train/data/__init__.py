@@ -1,10 +1,13 @@
-"""The data layer: sources (built-in datasets, .npz, Parquet) as arrays on the host, the
-pure functions that say which rows each worker takes in which order (sharding), and one
-worker's view of its rows (WorkerData)."""
+"""The data layer: sources as arrays on the host (built-in datasets, .npz, Parquet) or a
+user's map-style dataset (Items, whose transforms draw from `item_generator()` and ask
+`training()`); the pure functions that say which rows each worker takes in which order
+(sharding); and one worker's view of its rows (WorkerData)."""
 
+from .items import Items, current, item_generator, training
 from .sources import (DIGITS_CSV, Dataset, class_ids, digits, feature_columns, find_nonfinite, load, load_npz,
-                      load_parquet, parquet_files, perceptron, synthetic, table_to_arrays, xor)
+                      load_parquet, parquet_files, perceptron, synthetic, table_to_arrays, user_items, xor)
 from .worker import WorkerData
 
-__all__ = ["DIGITS_CSV", "Dataset", "WorkerData", "class_ids", "digits", "feature_columns", "find_nonfinite", "load",
-           "load_npz", "load_parquet", "parquet_files", "perceptron", "synthetic", "table_to_arrays", "xor"]
+__all__ = ["DIGITS_CSV", "Dataset", "Items", "WorkerData", "class_ids", "current", "digits", "feature_columns",
+           "find_nonfinite", "item_generator", "load", "load_npz", "load_parquet", "parquet_files", "perceptron",
+           "synthetic", "table_to_arrays", "training", "user_items", "xor"]

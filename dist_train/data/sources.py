@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import usercode
 from ..errors import DataError
+from .items import Items
 
 DIGITS_CSV = Path(__file__).with_name("datasets") / "digits.csv.gz"
 
@@ -198,9 +200,13 @@ def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> Dataset:
     return Dataset(x, y, path.name)
 
 
-def load(cfg) -> Dataset:
-    """The dataset that `cfg.data` names. Raises DataError for a bad file."""
+def load(cfg, given=None):
+    """The dataset that `cfg.data` names, as arrays (a Dataset), or the user's map-style
+    dataset (`given`, a dataset or a factory, else data.target's factory) as Items.
+    Raises DataError for a bad file."""
     d = cfg.data
+    if given is not None or d.target:
+        return user_items(cfg, given)
     if d.name == "xor":
         return xor()
     if d.name == "perceptron":
@@ -214,6 +220,21 @@ def load(cfg) -> Dataset:
     if d.name == "npz":
         return load_npz(d.path)
     return load_parquet(d.path, d.label_column)
+
+
+def user_items(cfg, given=None) -> Items:
+    """The user's dataset: `given` (a map-style dataset, or a factory of one), else data.target's factory."""
+    d = cfg.data
+    key = "data.target" if given is None else "data"
+    dataset = given
+    if given is None or isinstance(given, type) or not (hasattr(given, "__len__") and hasattr(given, "__getitem__")):
+        factory = given if given is not None else usercode.load(d.target, "data.target")
+        dataset = usercode.call(factory, key, d.kwargs)
+    collate = usercode.load(d.collate, "data.collate") if d.collate else None
+    name = d.target or type(dataset).__name__
+    items = Items(dataset, cfg.seed, collate, d.workers, name)
+    items.describe()
+    return items
 
 
 def find_nonfinite(x: np.ndarray, chunk: int = 65536) -> int | None:

@@ -34,6 +34,11 @@ class WorkerData:
             xb, yb = xb.pin_memory(), yb.pin_memory()
         return xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
+    def feed(self, epoch: int, batches, device: torch.device, training: bool = True):
+        """(samples, inputs, targets) of each of `batches` in turn (arrays: gathered when asked)."""
+        for rows in batches:
+            yield (len(rows), *self.batch(rows, device))
+
     def fingerprint(self) -> dict:
         """What every worker must agree on before training: the source's size and sample
         description, the model's outputs, and (where this worker holds them) its first rows."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config, data
+from .. import config, data, usercode
 from ..comm import broadcast_bytes
 from ..errors import UserError
 from ..files import OutLock, check_unlocked
@@ -49,24 +49,37 @@ def job_argv(args) -> list[str]:
 @dataclass
 class Job:
     cfg: config.Section
-    dataset: data.Dataset
-    outputs: int  # the model's output width, decided from the whole dataset
-    out: Path
+    dataset: data.Dataset | data.Items
+    outputs: int | None  # the model's output width, decided from the whole dataset
+    out: Path | None
     resume: bool
     lock: OutLock | None = None  # held while the job lasts, by the process that writes its outputs
 
-    def worker_data(self) -> data.WorkerData:
+    def worker_data(self):
+        """This worker's data: a user's dataset whole (the core asks it only for its rows),
+        or the arrays' rows."""
+        if isinstance(self.dataset, data.Items):
+            return self.dataset
         return data.WorkerData.whole(self.dataset, self.outputs)
+
+    @property
+    def data_workers(self) -> int:
+        """The data processes each worker starts (data.workers, for a user's dataset)."""
+        return self.dataset.workers if isinstance(self.dataset, data.Items) else 0
 
 
 def default_out(config_path: str) -> Path:
     return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def out_dir(args) -> Path:
-    """The run directory: --out, or a new runs/CONFIG-TIMESTAMP; --resume needs an explicit one."""
+def out_dir(args, check_lock: bool = False) -> Path:
+    """The run directory: --out, or a new runs/CONFIG-TIMESTAMP; --resume needs an explicit
+    one. `check_lock`: first refuse an --out another run holds (say that, not what its
+    files look like)."""
     if args.resume and not args.out:
         raise UserError("--resume needs --out DIR: the run directory to continue")
+    if check_lock and args.out:
+        check_unlocked(args.out)
     return prepare_out_dir(args.out or default_out(args.config), args.resume)
 
 
@@ -74,22 +87,28 @@ def prepare(args, world_size: int, lock: str | None = "hold") -> Job:
     """Everything checked before a worker trains: config, world, data, model, output dir.
     `lock`: "hold" takes --out for this process (the one that writes the run), "check"
     only fails if another run holds it, None leaves it (another process holds it)."""
+    usercode.search_config_dir(args.config)  # user code beside the config imports
     cfg = config.load(args.config, args.set)
     config.check_world(cfg, world_size)
-    if lock is not None and args.out:
-        check_unlocked(args.out)  # a run in progress there: say that, not what its files look like
-    out = out_dir(args)
-    ds = data.load(cfg)
-    outputs = validate.check(cfg, ds)
+    return prepare_job(cfg, world_size, out_dir(args, check_lock=lock is not None), args.resume, lock)
+
+
+def prepare_job(cfg, world_size: int, out: Path | None, resume: bool, lock: str | None = "hold", *,
+                model=None, data_given=None, loss=None) -> Job:
+    """prepare() for a loaded config and an output directory (None: write nothing); `model`,
+    `data_given` and `loss` stand in for what the config names (the Python API)."""
+    config.check_world(cfg, world_size)
+    ds = data.load(cfg, data_given)
+    outputs = validate.check(cfg, ds, model, loss)
     held = None
-    if lock == "hold":
+    if lock == "hold" and out is not None:
         held = OutLock(out).acquire()
         try:
-            prepare_out_dir(out, args.resume)  # again, now that no other run can start on it
+            prepare_out_dir(out, resume)  # again, now that no other run can start on it
         except UserError:
             held.release()
             raise
-    return Job(cfg, ds, outputs, out, args.resume, held)
+    return Job(cfg, ds, outputs, out, resume, held)
 
 
 def prepare_everywhere(comm, make_job):

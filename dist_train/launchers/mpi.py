@@ -44,7 +44,8 @@ def _train(world, argv) -> None:
     env, cfg = mpi.environment(), job.cfg
     comm = connect(env, timeout_s=cfg.comm.timeout_s, shm=cfg.comm.shm, base=world,
                    fail=lambda line: (failures.say(line), mpi.abort(1)))
-    threads = device.set_threads(device.thread_budget(local_workers=env.local_size, override=cfg.threads))
+    threads = device.set_threads(device.thread_budget(local_workers=env.local_size, override=cfg.threads,
+                                                      data_workers=job.data_workers))
     try:
         with failures.leaving(comm):
             fit(cfg, comm, job.worker_data(), out_dir=job.out, resume=job.resume, launcher="mpi",

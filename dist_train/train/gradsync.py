@@ -4,8 +4,9 @@ Every trainable parameter's `.grad` is a view into one flat buffer, so backward 
 straight into it: no packing before the allreduce, no unpacking after. Behind the
 gradients sit a few statistics of the local batch, summed in the same collective:
 
-    [ grads ... | loss sum | correct | samples | the previous step's data, compute, exchange
-                and wait seconds | each rank's arrival at the exchange | each rank's non-finite flag ]
+    [ grads ... | loss sum | samples | the previous step's data, compute, exchange and wait
+                seconds | each metric's (sum, count) | each rank's arrival at the exchange
+                | each rank's non-finite flag ]
 
 Where the mean is taken: each worker multiplies its summed loss by 1 / (the step's
 global sample count) before backward, so the allreduce's sum *is* the mean over the
@@ -28,7 +29,7 @@ from torch import nn
 from .. import comm as comms
 from .. import models
 
-FIXED = 7  # loss sum, correct, samples, and the previous step's seconds (TIMES), summed over workers
+FIXED = 6  # loss sum, samples, and the previous step's seconds (TIMES), summed over workers
 TIMES = ("data", "compute", "comm", "wait")
 # a models.Linear writes its gradients in place from this weight size on: below it the
 # Python autograd.Function (~30 us a layer) costs more than the passes it saves. In a
@@ -41,7 +42,7 @@ IN_PLACE_MIN_BYTES, IN_PLACE_MIN_BYTES_ALONE = 256 << 10, 32 << 20
 class StepStats:
     count: int  # samples in the global batch
     loss: float  # mean loss over the global batch (NaN if a worker's was not finite)
-    correct: int  # correct predictions in the global batch
+    metrics: tuple[tuple[float, float], ...] = ()  # each metric's (sum, count) over the global batch (logged steps)
     nonfinite_ranks: tuple[int, ...] = ()  # workers whose loss was NaN or Inf
     times: tuple[float, ...] = (0.0,) * len(TIMES)  # the previous step's seconds (TIMES), summed over workers
     waited: float = 0.0  # this worker's wait at the exchange for the last one to arrive
@@ -60,7 +61,8 @@ class FusedGrads:
     plain loop's (which, for the wide MLP's 64 MB weight, page-faults in a fresh gradient
     every step)."""
 
-    def __init__(self, model: nn.Module, comm, grads_in_place: bool = True, in_place_min_bytes: int | None = None):
+    def __init__(self, model: nn.Module, comm, grads_in_place: bool = True, in_place_min_bytes: int | None = None,
+                 metrics: int = 0):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -73,7 +75,8 @@ class FusedGrads:
         if in_place_min_bytes is None:
             in_place_min_bytes = IN_PLACE_MIN_BYTES_ALONE if self.alone else IN_PLACE_MIN_BYTES
         self.in_place: list[models.Linear] = _in_place_layers(model, in_place_min_bytes) if grads_in_place else []
-        tail = FIXED + 2 * self.world
+        self.metric_slots = 2 * metrics
+        tail = FIXED + self.metric_slots + 2 * self.world
         if self.alone:
             kept = [p for m in self.in_place for p in m.parameters(recurse=False)]
             _grads_into(kept, torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device))
@@ -104,25 +107,27 @@ class FusedGrads:
         for layer in self.in_place:
             layer.grads_written = False
 
-    def sync(self, comm, samples: int, loss_sum, correct, times=(0.0,) * len(TIMES),
+    def sync(self, comm, samples: int, loss_sum, metrics=(), times=(0.0,) * len(TIMES),
              arrived: float = 0.0) -> StepStats:
         """Sum the (already mean-scaled) gradients and the stats over all workers.
-        `samples`, `loss_sum`, `correct`: this worker's batch; `times`: its seconds of the
-        previous step (TIMES); `arrived`: seconds from the step's start to here."""
+        `samples`, `loss_sum`: this worker's batch; `metrics`: its (sum, count) of each
+        metric, flat, or () on a step that logs none; `times`: its seconds of the previous
+        step (TIMES); `arrived`: seconds from the step's start to here."""
         for layer in self.in_place:
             if not layer.grads_written:  # backward did not reach it: zeros, as a cleared buffer holds
                 for p in layer.parameters(recurse=False):
                     p.grad.zero_()
-        loss_sum, correct = float(loss_sum), int(correct)
-        values = (loss_sum if math.isfinite(loss_sum) else 0.0, correct, samples, *times)
+        loss_sum = float(loss_sum)
+        values = (loss_sum if math.isfinite(loss_sum) else 0.0, samples, *times, *metrics)
         if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
             tail = self._tail_np
-            tail[:FIXED] = values
+            tail[:len(values)] = values
         else:
             tail = self.tail
-            tail[:FIXED] = torch.tensor(values, dtype=tail.dtype)
-        tail[FIXED + self.rank] = arrived
-        tail[FIXED + self.world + self.rank] = 0.0 if math.isfinite(loss_sum) else 1.0
+            tail[:len(values)] = torch.tensor(values, dtype=tail.dtype)
+        ranks = FIXED + self.metric_slots
+        tail[ranks + self.rank] = arrived
+        tail[ranks + self.world + self.rank] = 0.0 if math.isfinite(loss_sum) else 1.0
         if self.alone:  # a parameter backward did not reach gets zeros, as the views would hold
             for p in self.stolen:
                 if p.grad is None:
@@ -133,12 +138,13 @@ class FusedGrads:
 
     def _stats(self, arrived: float) -> StepStats:
         summed = (self._tail_np if self._tail_np is not None else self.tail.cpu().numpy()).tolist()
-        loss, right, count = summed[0], int(round(summed[1])), int(round(summed[2]))
-        world = self.world
-        ranks = tuple(r for r, flag in enumerate(summed[FIXED + world:]) if flag > 0.5)
+        loss, count = summed[0], int(round(summed[1]))
+        world, at = self.world, FIXED + self.metric_slots
+        metrics = tuple(zip(summed[FIXED:at:2], summed[FIXED + 1:at:2]))
+        ranks = tuple(r for r, flag in enumerate(summed[at + world:]) if flag > 0.5)
         mean = float("nan") if ranks else (loss / count if count else 0.0)
-        waited = max(max(summed[FIXED:FIXED + world]) - arrived, 0.0)
-        return StepStats(count, mean, right, ranks, tuple(summed[3:FIXED]), waited)
+        waited = max(max(summed[at:at + world]) - arrived, 0.0)
+        return StepStats(count, mean, metrics, ranks, tuple(summed[2:FIXED]), waited)
 
 
 def _grads_into(params: list, buf: torch.Tensor) -> dict:
@@ -240,3 +246,27 @@ def _bits_sum(flat: torch.Tensor) -> int:
     if whole < flat.numel():
         total += int(flat[whole:].view(_BITS[size]).sum(dtype=torch.int64))
     return total
+
+
+def settle_buffers(comm, model: nn.Module) -> None:
+    """One set of buffers (BatchNorm's running statistics) on every worker: floating ones
+    averaged over the workers (each saw other batches; running means are linear in the
+    batches, so this is what one worker seeing them all would hold, up to rounding),
+    integer ones (counters) rank 0's. Called before each checkpoint and evaluation, so
+    what is saved and scored is the same everywhere, and a resume continues from it."""
+    buffers = [b for b in model.buffers()]
+    if comm.world_size == 1 or not buffers:
+        return
+    with torch.no_grad():
+        for dtype in sorted({b.dtype for b in buffers}, key=str):
+            same = [b for b in buffers if b.dtype == dtype]
+            flat = torch.cat([b.detach().reshape(-1) for b in same])
+            if dtype.is_floating_point:
+                comm.allreduce(flat)  # dist: the sum, then the mean
+                flat.div_(comm.world_size)
+            else:
+                comm.broadcast(flat, 0)  # dist: rank 0's counters
+            offset = 0
+            for b in same:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()

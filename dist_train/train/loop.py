@@ -8,6 +8,7 @@ Lines marked `# dist:` are where this differs from a plain single-process loop.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,11 @@ import torch
 from .. import config, failures, models
 from ..data import sharding
 from ..device import resolve_device
-from . import checkpoint, schedule
+from . import checkpoint, losses, metrics, schedule
 from .agree import agree_at_start, check_parameters
 from .clock import Clock
 from .evaluate import evaluate
-from .gradsync import FusedGrads, broadcast_parameters
+from .gradsync import FusedGrads, broadcast_parameters, settle_buffers
 from .optim import make_optimizer
 from .outputs import RunWriter, write_final
 from .state import Position, checkpoint_state, restore
@@ -62,6 +63,9 @@ class Run:
     step: Step
     clock: Clock
     started: float
+    loss: losses.Loss
+    metrics: list
+    given_model: object = None  # the model given to fit, if it was (not from the config)
     stopped_by: str = "epochs"
 
     @property
@@ -72,27 +76,33 @@ class Run:
 
 
 def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = "local", local_rank: int = 0,
-        threads: int | None = None, write_outputs: bool = True, fence=None, quiet: bool = False) -> Result:
-    """Train `cfg` on this worker's `data` (a data.WorkerData) with peers reachable through `comm`.
+        threads: int | None = None, write_outputs: bool = True, fence=None, quiet: bool = False,
+        model=None, loss=None) -> Result:
+    """Train `cfg` on this worker's `data` (a data.WorkerData, or data.Items) with peers
+    reachable through `comm`.
 
-    `write_outputs=False` leaves model.pt and summary.json to the caller (the Spark driver);
-    `fence`, if given, is asked before each write whether this run still owns --out;
-    `quiet` prints nothing (the Spark driver shows progress from metrics.jsonl instead)."""
+    `model` (an nn.Module or a factory) and `loss` (fn(outputs, targets) -> per-sample
+    losses) stand in for what the config names; `write_outputs=False` leaves model.pt and
+    summary.json to the caller (the Spark driver); `fence`, if given, is asked before each
+    write whether this run still owns --out; `quiet` prints nothing (the Spark driver
+    shows progress from metrics.jsonl instead)."""
     run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, local_rank=local_rank,
-                threads=threads, fence=fence, quiet=quiet)
+                threads=threads, fence=fence, quiet=quiet, given=(model, loss))
     failures.PROGRESS.training = True  # from here a worker that leaves fails the job
     while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
         run_epoch(run)
     return finish(run, write_outputs)
 
 
-def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet) -> Run:
+def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet, given) -> Run:
     started = time.perf_counter()
     failures.PROGRESS.step, failures.PROGRESS.finished = 0, False
     config.check_world(cfg, comm.world_size)
     device = resolve_device(cfg.device, local_rank)
     torch.manual_seed(cfg.seed)
-    model = models.build(cfg, data.sample_shape, data.outputs).to(device)
+    model = models.build(cfg, data.sample_shape, data.outputs, given=given[0]).to(device)
+    loss = losses.resolve(cfg.train.loss, given[1])
+    measures = metrics.resolve(cfg.train.metrics, loss)
     optimizer = make_optimizer(cfg, model)
     writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout,
                        tensorboard=cfg.log.tensorboard)
@@ -100,14 +110,15 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fe
     pos = restore(ckpt, model, optimizer, cfg, comm.world_size) if ckpt is not None else Position()
     agree_at_start(comm, cfg, data.fingerprint(), pos.step)  # dist: one config, data and start, before any buffer
     broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights
-    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision != "bf16")  # autocast: autograd's own path
+    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision != "bf16",  # autocast: autograd's own path
+                       metrics=len(measures))
     plan = sharding.step_samples(n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=cfg.train.batch_size,
                                  accumulate=cfg.train.accumulate, eval_fraction=cfg.data.eval_fraction,
                                  sampling=cfg.data.sampling)
     writer.start_metrics(pos.step if ckpt is not None else None)
-    step = Step(cfg, comm, model, optimizer, grads, data, device, writer.log)
+    step = Step(cfg, comm, model, optimizer, grads, loss, measures, device, writer.log)
     run = Run(cfg, comm, data, launcher, threads, device, model, optimizer, grads, writer, pos, ckpt is not None,
-              plan, step, Clock(comm.world_size, pos.samples), started)
+              plan, step, Clock(comm.world_size, pos.samples), started, loss, measures, given[0])
     writer.log(f"[dist-train] {launcher}: world {comm.world_size}, device {device}, "
                f"threads {threads or torch.get_num_threads()}, {data.n} rows, "
                f"{sum(p.numel() for p in model.parameters())} parameters"
@@ -122,6 +133,7 @@ def run_epoch(run: Run) -> None:
     batches = sharding.epoch_batches(
         n=run.data.n, seed=cfg.seed, epoch=pos.epoch, rank=run.comm.rank, world=run.comm.world_size,
         batch_size=t.batch_size, eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling, shuffle=t.shuffle)
+    feed = run.data.feed(pos.epoch, batches[pos.batch:], run.device)  # fetched ahead where it can be
     while True:
         if t.max_steps is not None and pos.step >= t.max_steps:
             run.stopped_by = "max_steps"  # also when resumed at the limit: no extra step
@@ -132,7 +144,7 @@ def run_epoch(run: Run) -> None:
         index = pos.batch // t.accumulate
         lr = schedule.lr_at(t, pos.step, run.total_steps)
         logged = bool(t.log_every) and (pos.step + 1) % t.log_every == 0  # accuracy is only needed there
-        stats = run.step(pos.step + 1, batches[pos.batch:pos.batch + t.accumulate], int(run.plan[index]), lr, logged)
+        stats = run.step(pos.step + 1, itertools.islice(feed, t.accumulate), int(run.plan[index]), lr, logged)
         advance(run, stats, lr, last_of_epoch=index + 1 == len(run.plan))
         if pos.batch == 0 or run.stopped_by != "epochs":
             return
@@ -166,6 +178,7 @@ def advance(run: Run, stats, lr: float, last_of_epoch: bool) -> None:
                         stats.loss, (pos.samples - run.clock.samples_at_start) / max(now - run.clock.start, 1e-9),
                         now - run.clock.epoch_start)
     if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
+        settle_buffers(run.comm, run.model)  # dist: one set of BatchNorm statistics in the checkpoint
         writer.checkpoint(pos.step, checkpoint_state(run.model, run.optimizer, pos, cfg, run.comm.world_size),
                           cfg.checkpoint.keep)
     if pos.batch == 0:  # the epoch just ended
@@ -176,9 +189,10 @@ def finish(run: Run, write_outputs: bool) -> Result:
     """The last checkpoint, evaluation, the summary and (rank 0) model.pt."""
     cfg, writer = run.cfg, run.writer
     run.clock.stop()
+    settle_buffers(run.comm, run.model)  # dist: every worker evaluates and saves the same statistics
     writer.checkpoint(run.pos.step, checkpoint_state(run.model, run.optimizer, run.pos, cfg, run.comm.world_size),
                       cfg.checkpoint.keep)
-    evaluation = evaluate(cfg, run.comm, run.model, run.data, run.device)
+    evaluation = evaluate(cfg, run.comm, run.model, run.data, run.device, run.loss, run.metrics)
     failures.PROGRESS.training, failures.PROGRESS.finished = False, True  # the last collective is behind us
     report = summary(run, evaluation, time.perf_counter() - run.started)
     writer.close()

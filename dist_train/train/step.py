@@ -8,40 +8,40 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 
-import numpy as np
 import torch
 
-from .. import failures
+from .. import failures, models
 from ..errors import TrainingError
-from . import losses
 from .gradsync import TIMES, StepStats
 
 
 class Step:
-    def __init__(self, cfg, comm, model, optimizer, grads, data, device, log):
+    def __init__(self, cfg, comm, model, optimizer, grads, loss, metrics, device, log):
         self.t, self.comm, self.model, self.optimizer, self.grads = cfg.train, comm, model, optimizer, grads
-        self.data, self.device, self.log = data, device, log
+        self.loss, self.metrics, self.device, self.log = loss, metrics, device, log
         self.bf16 = cfg.train.precision == "bf16"
         self.last_times = (0.0,) * len(TIMES)  # this worker's previous step, sent along with the next one's gradients
         self.since = None  # when this worker left the previous exchange: arrivals are counted from there
         self.skipped = 0  # steps skipped for a non-finite loss
         self._scale = (None, None)  # (1 / the step's global count, as the tensor backward starts from)
 
-    def __call__(self, number: int, micro: list[np.ndarray], count: int, lr: float, logged: bool) -> StepStats:
-        """Run optimizer step `number` (1-based) on this worker's `micro`-batches, `count`
-        samples in the global batch; `logged`: count correct predictions too."""
+    def __call__(self, number: int, micro, count: int, lr: float, logged: bool) -> StepStats:
+        """Run optimizer step `number` (1-based) on this worker's `micro`-batches (an
+        iterator of (samples, inputs, targets)), `count` samples in the global batch;
+        `logged`: compute the metrics too."""
         t0 = time.perf_counter()
         since = self.since if self.since is not None else t0
         failures.PROGRESS.step = number
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.grads.zero()
-        samples, loss_sum, right, t_data = self._forward_backward(micro, 1.0 / count, logged)
+        samples, loss_sum, measured, t_data = self._forward_backward(micro, 1.0 / count, logged)
         t2 = time.perf_counter()
         # dist: a worker whose shard is used up still joins the step, with zeros
-        stats = self.grads.sync(self.comm, samples, loss_sum, right, self.last_times, arrived=t2 - since)
+        stats = self.grads.sync(self.comm, samples, loss_sum, measured, self.last_times, arrived=t2 - since)
         t3 = self.since = time.perf_counter()
         if stats.count != count and count < self.grads.exact_counts:  # the same plan everywhere: other data?
             raise TrainingError(f"step {number}: the workers' batches hold {stats.count} samples, the plan says "
@@ -53,26 +53,36 @@ class Step:
         return stats
 
     def _forward_backward(self, micro, scale: float, logged: bool):
-        t, model = self.t, self.model
+        model = self.model
         if self._scale[0] != scale:  # the count changes at an epoch's last step only: one tensor per count
             self._scale = (scale, torch.full((), scale, device=self.device))
-        samples, loss_sum, right, t_data = 0, 0.0, 0, 0.0
-        for i, rows in enumerate(micro):  # micro-batches: gradients add up in place
+        samples, loss_sum, measured, t_data = 0, 0.0, [0.0] * (2 * len(self.metrics)) if logged else [], 0.0
+        micro = iter(micro)
+        for i in itertools.count():  # micro-batches: gradients add up in place
             ta = time.perf_counter()
-            xb, yb = self.data.batch(rows, self.device)
+            got = next(micro, None)
             t_data += time.perf_counter() - ta
+            if got is None:
+                break
+            n, xb, yb = got
             # (a disabled autocast still costs ~3 us to enter and leave, a nullcontext 0.3)
             with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
-                out = model(xb)
-            loss = losses.loss_sum(t.loss, out.float(), yb)
+                out = models.apply(model, xb)
+            if self.bf16 and isinstance(out, torch.Tensor):
+                out = out.float()
+            loss = self.loss.sum(out, yb)
             # dist: backward from 1 / the global count (not 1), so the summed gradients are the mean;
             # the same floats as (loss * scale).backward(), without a node for the product
             loss.backward(self._scale[1])
-            samples += len(rows)
+            samples += n
             loss_sum = loss_sum + loss.detach() if i else loss.detach()  # one micro-batch: no tensor op
             if logged:
-                right = right + losses.correct(t.loss, out.detach(), yb)
-        return samples, loss_sum, right, t_data
+                out = out.detach() if isinstance(out, torch.Tensor) else out
+                for j, metric in enumerate(self.metrics):
+                    total, counted = metric(out, yb)
+                    measured[2 * j] += total
+                    measured[2 * j + 1] += counted
+        return samples, loss_sum, measured, t_data
 
     def _apply(self, number: int, stats: StepStats) -> None:
         """The optimizer step, or, on a non-finite loss on any worker, the same on every

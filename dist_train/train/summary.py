@@ -7,11 +7,12 @@ import resource
 
 import torch
 
+from ..data.items import jsonable
 from .gradsync import TIMES
 
 
 def summary(run, evaluation: dict, wall_seconds: float) -> dict:
-    pos, clock, t = run.pos, run.clock, run.cfg.train
+    pos, clock = run.pos, run.clock
     train_seconds = clock.end - clock.start
     return {
         "launcher": run.launcher,
@@ -34,8 +35,8 @@ def summary(run, evaluation: dict, wall_seconds: float) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's (Linux: KiB)
         "device": str(run.device),
         "threads": run.threads or torch.get_num_threads(),
-        "meta": {"sample_shape": list(run.data.sample_shape), "outputs": run.data.outputs, "loss": t.loss,
-                 "model": run.cfg.model.target or run.cfg.model.name, "torch": str(torch.__version__),
+        "meta": {"sample_shape": jsonable(run.data.sample_shape), "outputs": run.data.outputs, "loss": run.loss.name,
+                 "model": model_name(run), "torch": str(torch.__version__),
                  "launcher": run.launcher, "world_size": run.comm.world_size, "steps": pos.step},
     }
 
@@ -48,9 +49,16 @@ def step_record(run, stats, lr: float) -> dict:
            "loss": stats.loss, "samples": pos.samples, "samples_per_sec": rate, "lr": lr,
            "time": now - run.clock.start}
     rec.update({f"{kind}_ms": 1000 * v for kind, v in zip(TIMES, run.clock.interval_means())})
-    if run.cfg.train.loss != "mse":
-        rec["accuracy"] = stats.correct / stats.count if stats.count else None
+    for metric, (total, count) in zip(run.metrics, stats.metrics):
+        rec[metric.name] = total / count if count else None
     return rec
+
+
+def model_name(run) -> str:
+    """What built the model: a built-in's name, model.target, or `object` (given to fit)."""
+    if run.given_model is not None:
+        return "object"
+    return run.cfg.model.target or run.cfg.model.name
 
 
 def epoch_record(pos) -> dict:
@@ -62,7 +70,8 @@ def done_line(s: dict) -> str:
     ev = s["eval"]
     return (f"[dist-train] done: {s['steps']} steps, {s['epochs']} epochs ({s['stopped_by']}), "
             f"train loss {_fmt(s['final_train_loss'])}, eval loss {_fmt(ev['loss'])}"
-            + (f", eval accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else "")
+            + "".join(f", eval {k} {v:.4f}" for k, v in ev.items() if k not in ("split", "samples", "loss")
+                      and isinstance(v, float))
             + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from .. import models
-from ..data import sharding
-from ..data import Dataset, find_nonfinite
+from ..data import Dataset, Items, find_nonfinite, sharding
 from ..errors import ConfigError, DataError, first_line
+from . import losses
 
 
 @dataclass
@@ -50,58 +50,116 @@ def outputs_for(cfg, stats: DataStats) -> int:
     return stats.label_width
 
 
-def check(cfg, ds: Dataset) -> int:
-    """Validate `ds` for `cfg`; return the model's output width. Raises UserError."""
+def check(cfg, ds, model=None, loss=None) -> int | None:
+    """Validate `ds` (arrays, or a user's Items) for `cfg`; return the model's output width.
+    `model` and `loss` stand in for the config's, as fit takes them. Raises UserError."""
+    if isinstance(ds, Items):
+        return check_items(cfg, ds, model, loss)
     bad_row = find_nonfinite(ds.x)
     if bad_row is not None:
         raise DataError(f"{ds.name}: row {bad_row} holds NaN or Inf")
-    return check_stats(cfg, DataStats.of(ds))
+    probe = (torch.from_numpy(np.ascontiguousarray(ds.x[:PROBE_ROWS])), torch.from_numpy(np.asarray(ds.y[:PROBE_ROWS])))
+    return check_stats(cfg, DataStats.of(ds), model, loss, probe)
 
 
-def check_stats(cfg, st: DataStats) -> int:
-    """Validate a dataset described by `st`; return the model's output width."""
+def check_stats(cfg, st: DataStats, model=None, loss=None, probe=None) -> int:
+    """Validate a dataset described by `st` (and, if given, its first rows `probe`); return
+    the model's output width."""
     if st.n == 0:
         raise DataError(f"{st.name}: the dataset has no rows")
-    loss = cfg.train.loss
-    if loss == "cross_entropy" and st.label_kind not in "iu":
+    loss = losses.resolve(cfg.train.loss, loss)
+    name = loss.name if loss.builtin else None
+    if name == "cross_entropy" and st.label_kind not in "iu":
         raise DataError(f"{st.name}: train.loss cross_entropy needs integer class labels, got float labels")
-    if loss == "bce" and not st.labels_binary:
+    if name == "bce" and not st.labels_binary:
         raise DataError(f"{st.name}: train.loss bce needs labels 0 or 1, found labels in "
                         f"[{st.label_min:g}, {st.label_max:g}]")
-    if loss == "cross_entropy" and st.label_min < 0:
+    if name == "cross_entropy" and st.label_min < 0:
         raise DataError(f"{st.name}: label {int(st.label_min)} is negative")
-    outputs = outputs_for(cfg, st)
-    model = models.build(cfg, st.sample_shape, outputs)
-    width = _probe_output_width(model, st, cfg)
-    if cfg.model.target is None and width != outputs:  # cannot happen for built-ins; guards the probe
+    outputs = outputs_for(cfg, st) if loss.builtin or cfg.model.outputs else None
+    built = models.build(cfg, st.sample_shape, outputs, given=model)
+    xb, yb = probe if probe is not None else (torch.zeros((PROBE_ROWS, *st.sample_shape)), None)
+    width = _probe(cfg, st.name, built, xb, yb, loss)
+    if width is None:
+        width = outputs or st.label_width
+    if cfg.model.target is None and model is None and width != outputs:  # not for built-ins; guards the probe
         raise ConfigError("model.outputs", f"model gives {width} outputs, expected {outputs}")
-    if loss == "cross_entropy":
+    if name == "cross_entropy":
         if int(st.label_max) >= width:
             key = "model.outputs" if cfg.model.outputs is not None or cfg.model.target else "model.name"
             raise ConfigError(key, f"label {int(st.label_max)} is out of range for a model with {width} outputs")
-    elif st.label_width != width:
+    elif loss.builtin and st.label_width != width:
         raise ConfigError("model.outputs", f"targets have width {st.label_width} but the model gives {width} outputs")
-    train, held = sharding.split_rows(0, st.n, cfg.seed, cfg.data.eval_fraction)
-    if len(train) == 0:
-        raise ConfigError("data.eval_fraction", f"{cfg.data.eval_fraction} leaves no training rows of {st.n}")
-    if cfg.data.eval_fraction > 0 and len(held) == 0:
-        raise ConfigError("data.eval_fraction", f"{cfg.data.eval_fraction} of {st.n} rows holds out none; "
-                          f"use 0 to evaluate on the training rows")
+    _check_split(cfg, st.n)
     return width
 
 
-def _probe_output_width(model, st: DataStats, cfg) -> int:
-    """Run one sample through the model on the CPU: a shape mismatch shows here, not mid-job."""
-    sample = torch.zeros((1, *st.sample_shape))
-    model.eval()  # one sample: batch statistics (BatchNorm) are for training
+def check_items(cfg, items: Items, model=None, loss=None) -> int | None:
+    """Validate a user's dataset: its first items through the model and the loss. Its
+    outputs: model.outputs, else the dataset's num_classes (or len(classes)), else what the
+    model gives; set on `items` and returned."""
+    loss = losses.resolve(cfg.train.loss, loss)
+    hint = cfg.model.outputs or _classes(items.dataset)
+    built = models.build(cfg, items.sample_shape, hint, given=model)
+    xb, yb = items.batch(np.arange(min(PROBE_ROWS, items.n)), torch.device("cpu"))
+    width = _probe(cfg, items.name, built, xb, yb, loss)
+    if loss.builtin and loss.name == "cross_entropy" and isinstance(yb, torch.Tensor) and len(yb) \
+            and int(yb.max()) >= (width or 0):
+        raise ConfigError("model.outputs", f"label {int(yb.max())} (item {int(yb.argmax())}) is out of range "
+                          f"for a model with {width} outputs")
+    _check_split(cfg, items.n)
+    items.outputs = width or hint
+    return items.outputs
+
+
+def _classes(dataset) -> int | None:
+    """What a dataset says of its classes: num_classes, or len(classes) (as torchvision's have)."""
+    n = getattr(dataset, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if isinstance(classes, (list, tuple)) and classes else None
+
+
+def _check_split(cfg, n: int) -> None:
+    train, held = sharding.split_rows(0, n, cfg.seed, cfg.data.eval_fraction)
+    if len(train) == 0:
+        raise ConfigError("data.eval_fraction", f"{cfg.data.eval_fraction} leaves no training rows of {n}")
+    if cfg.data.eval_fraction > 0 and len(held) == 0:
+        raise ConfigError("data.eval_fraction", f"{cfg.data.eval_fraction} of {n} rows holds out none; "
+                          f"use 0 to evaluate on the training rows")
+
+
+PROBE_ROWS = 2  # a batch of two in eval mode: BatchNorm and Dropout models run as they will in evaluation
+
+
+def _probe(cfg, name: str, model, xb, yb, loss) -> int | None:
+    """Run the first rows through the model (and the loss, where the targets are known) on
+    the CPU: a shape mismatch shows here, not mid-job. The output width, if the outputs
+    are a (batch, outputs) tensor (a built-in loss needs one)."""
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            out = model(sample)
-    except Exception as e:  # noqa: BLE001 - mismatched shapes raise RuntimeError, users' code anything
-        raise DataError(f"{st.name}: samples of shape {list(st.sample_shape)} do not fit the model "
-                        f"({type(e).__name__}: {first_line(e)})") from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError("model.target" if cfg.model.target else "model.name",
-                          f"the model must return a (batch, outputs) tensor, returned {shape} for one sample")
-    return int(out.shape[1])
+            try:
+                out = models.apply(model, xb)
+            except Exception as e:  # noqa: BLE001 - mismatched shapes raise RuntimeError, users' code anything
+                raise DataError(f"{name}: samples of shape {_shape(xb)} do not fit the model "
+                                f"({type(e).__name__}: {first_line(e)})") from None
+            tensor2d = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == losses.batch_len(xb)
+            if loss.builtin and not tensor2d:
+                shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ConfigError("model.target" if cfg.model.target else "model.name",
+                                  f"the model must return a (batch, outputs) tensor, returned {shape} for a "
+                                  f"batch of {losses.batch_len(xb)}")
+            if yb is not None and not loss.builtin:
+                loss.sum(out, yb)  # the per-sample contract (ConfigError naming train.loss)
+    finally:
+        model.train(was_training)
+    return int(out.shape[1]) if tensor2d else None
+
+
+def _shape(xb):
+    from ..data.items import jsonable, shape_of
+
+    return jsonable(shape_of(xb))

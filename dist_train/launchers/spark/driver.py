@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from ... import config, data, failures, models
+from ... import config, data, failures, models, usercode
 from ...errors import ConfigError, UserError
 from ...files import OutLock, atomic_write, check_unlocked
 from ...train import Result, validate
@@ -102,48 +102,68 @@ def _cluster_slots(spark, task_cpus: int, need: int, wait_s: float = 10.0) -> in
         time.sleep(0.5)
 
 
-def _source(spark, cfg, df) -> feed.Source:
+def _source(spark, cfg, df, given: dict) -> feed.Source:
     if df is not None:
         return feed.dataframe_source(cfg, df)
+    if given.get("data") is not None or cfg.data.target:
+        items = data.load(cfg, given.get("data"))
+        validate.check(cfg, items, given.get("model"), given.get("loss"))
+        return feed.items_source(items)
     if cfg.data.name == "parquet":
         return feed.parquet_source(spark, cfg)
     ds = data.load(cfg)
-    return feed.dataset_source(cfg, ds, validate.check(cfg, ds))
+    return feed.dataset_source(cfg, ds, validate.check(cfg, ds, given.get("model"), given.get("loss")))
+
+
+def ship_user_code(spark, cfg) -> None:
+    """The user's modules that are local files reach every executor (SparkContext.addPyFile),
+    unless spark-submit's --py-files shipped them already."""
+    sc = spark.sparkContext
+    shipped = {Path(p.split(":", 1)[-1]).name for p in sc.getConf().get("spark.submit.pyFiles", "").split(",") if p}
+    for path in usercode.local_files(cfg):
+        if path.name not in shipped:
+            sc.addPyFile(str(path))
 
 
 # ---------------------------------------------------------------- the job
 
 
-def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, log=print) -> Result:
+def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, log=print, model=None, data=None,
+          loss=None) -> Result:
     """Train on Spark; returns rank 0's Result (`.model`, `.summary`). `cfg` is a config
-    path or a loaded config; `df`, if given, is the data (label column `data.label_column`).
-    Raises TrainingFailed (its `exit_code` from the failure table) if the job fails."""
+    path or a loaded config; `df`, if given, is the data (label column `data.label_column`);
+    `model`, `data` (a map-style dataset, or a factory) and `loss` stand in for what the
+    config names, as in dist_train.fit (they are pickled to the tasks). Raises
+    TrainingFailed (its `exit_code` from the failure table) if the job fails."""
     if not isinstance(cfg, dict):
+        usercode.search_config_dir(cfg)
         cfg = config.load(cfg, list(sets))
+    given = {"model": model, "data": data, "loss": loss}
     config.check_world(cfg, cfg.spark.workers)
     preflight(spark, cfg)
     out = Path(out_dir).resolve() if out_dir else None
     if out is not None:
         check_unlocked(out)  # a run in progress there: say that, not what its files look like
         prepare_out_dir(out, resume)
-    source = _source(spark, cfg, df)
+    ship_user_code(spark, cfg)
+    source = _source(spark, cfg, df, given)
     lock = OutLock(out).acquire() if out is not None else None  # the driver writes the run: it holds --out
     try:
         if out is not None:
             prepare_out_dir(out, resume)  # again, now that no other run can start on it
-        return _run_attempts(spark, cfg, source, out, resume, log)
+        return _run_attempts(spark, cfg, source, out, resume, log, given)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: bool, log) -> Result:
+def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: bool, log, given: dict) -> Result:
     world = cfg.spark.workers
     shards = feed.shard(spark, source, world)
     for attempt in range(1, cfg.spark.max_attempts + 1):
         if out is not None:
             atomic_write(out / ".attempt", str(attempt).encode())  # fences off older attempts
-        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt)
+        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given)
         follower = _Progress(out / "metrics.jsonl", log) if out is not None else None
         try:
             blobs = shards.barrier().mapPartitions(task).collect()
@@ -157,11 +177,11 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
         finally:
             if follower is not None:
                 follower.stop()
-    return _result(cfg, source, load_bytes(blobs[0]), out, world, log)
+    return _result(cfg, source, load_bytes(blobs[0]), out, world, log, given.get("model"))
 
 
-def _result(cfg, source, payload: dict, out: Path | None, world: int, log) -> Result:
-    model = models.build(cfg, source.sample_shape, source.outputs)
+def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given_model=None) -> Result:
+    model = models.build(cfg, source.sample_shape, source.outputs, given=given_model)
     model.load_state_dict(payload["model"]["state_dict"])
     result = Result(payload["model"]["state_dict"], payload["summary"], model)
     if out is not None:
@@ -235,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _submit(argv) -> None:
     args = job_parser("launchers/spark.py").parse_args(argv)
+    usercode.search_config_dir(args.config)
     cfg = config.load(args.config, args.set)  # refuse bad input before the JVM's seconds of start-up
     out = out_dir(args)
     spark = session()

@@ -36,6 +36,7 @@ class Source:
     outputs: int
     label_kind: str = "i"  # "i": class ids, "f": float targets (decided from every row, on the driver)
     dataset: data.Dataset | None = None
+    items: bool = False  # a user's map-style dataset: each task makes its own and asks it for its rows
 
 
 def dataset_source(cfg, ds: data.Dataset, outputs: int) -> Source:
@@ -47,6 +48,12 @@ def dataset_source(cfg, ds: data.Dataset, outputs: int) -> Source:
         raise DataError(f"{ds.name}: the Spark launcher takes one label per row; targets of shape "
                         f"{list(ds.y.shape[1:])} per row need the local or MPI launcher")
     return Source(None, len(ds), "label", ["features"], ds.sample_shape, outputs, ds.y.dtype.kind, dataset=ds)
+
+
+def items_source(items: data.Items) -> Source:
+    """A user's dataset (checked on the driver): no rows travel, each task makes the
+    dataset itself (data.target, or the object, pickled) and asks it for its shard's rows."""
+    return Source(None, items.n, "label", [], items.sample_shape, items.outputs, items=True)
 
 
 def dataframe_source(cfg, df, name: str = "dataframe", files: list[Path] | None = None) -> Source:
@@ -146,7 +153,10 @@ def _ipc(batch) -> bytes:
 
 
 def shard(spark, source: Source, world: int):
-    """An RDD of `world` partitions; partition r holds shard r as (r, Arrow IPC blob) pairs."""
+    """An RDD of `world` partitions; partition r holds shard r as (r, Arrow IPC blob) pairs
+    (none for a user's dataset, which each task reads itself)."""
+    if source.items:
+        return spark.sparkContext.parallelize([(r, b"") for r in range(world)], world)
     if source.dataset is not None:
         blobs = [(r, _ipc(to_arrow(source.dataset, *sharding.shard_range(source.n, world, r)))) for r in range(world)]
         return spark.sparkContext.parallelize(blobs, world)  # one element per partition, in order

@@ -15,7 +15,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from ... import device, failures
+from ... import data, device, failures
 from ...comm import connect
 from ...comm.env import Environment
 from ...errors import PeerFailure, first_line
@@ -29,9 +29,11 @@ WATCHDOG_GRACE_S = 10.0  # after the watchdog named a stalled peer, the task's o
 class TrainTask:
     """mapPartitions' function of the barrier stage: returns rank 0's model and summary."""
 
-    def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int):
+    def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int,
+                 given: dict | None = None):
         self.cfg, self.world, self.out, self.resume, self.attempt = cfg, world, out, resume, attempt
         self.source = replace(source, df=None, dataset=None)  # what a task needs to know of it, not the rows
+        self.given = given or {}  # the notebook's model, data and loss objects (pickled with the task)
 
     def __call__(self, pieces):
         from pyspark import BarrierTaskContext
@@ -53,21 +55,31 @@ class TrainTask:
 
     def _train(self, ctx, rank, pieces):
         rendezvous = Rendezvous(ctx, rank, self.world)
-        shard = feed.assemble(rank, self.world, pieces, self.source)
+        shard = self._shard(rank, pieces)
         env, store = rendezvous.finish()
         comm = connect(env, timeout_s=self.cfg.comm.timeout_s, shm=self.cfg.comm.shm, store=store,
                        fail=failures.deferred_exit(WATCHDOG_GRACE_S))
-        threads = device.set_threads(device.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads))
+        threads = device.set_threads(device.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads,
+                                                          data_workers=getattr(shard, "workers", 0)))
         try:
             with failures.leaving(comm):
                 return fit(self.cfg, comm, shard, out_dir=self.out, resume=self.resume, launcher="spark",
                            threads=threads, write_outputs=False, fence=self._fence(),
-                           quiet=self.out is not None)  # the driver follows metrics.jsonl instead
+                           quiet=self.out is not None,  # the driver follows metrics.jsonl instead
+                           model=self.given.get("model"), loss=self.given.get("loss"))
         except BaseException as e:
             if failures.kind_of(e).abort:  # "aborting" is failing this task: Spark ends the stage's others
                 failures.abort_world(lambda code: None, 1)
                 comm.close()  # the worker process is reused: leave no process group behind
             raise
+
+    def _shard(self, rank: int, pieces):
+        """This task's data: its shard's rows assembled, or the user's dataset made here."""
+        if not self.source.items:
+            return feed.assemble(rank, self.world, pieces, self.source)
+        items = data.load(self.cfg, self.given.get("data"))
+        items.outputs = self.source.outputs
+        return items
 
     def _fence(self):
         if self.out is None:
