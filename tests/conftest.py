@@ -3,7 +3,7 @@ spawned workers); `-m "not slow"` runs the fast subset (about a minute)."""
 
 import pytest
 
-SLOW_MODULES = {"test_mpi", "test_spark", "test_holes", "test_signals", "test_torchrun", "test_shm",
+SLOW_MODULES = {"test_byo", "test_mpi", "test_spark", "test_holes", "test_signals", "test_torchrun", "test_shm",
                 "test_training_faults"}
 
 

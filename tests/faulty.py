@@ -91,3 +91,20 @@ def model(inputs=64, outputs=10, fail_rank=1, fail_step=3, mode="raise", marker=
 
 def not_a_module():
     return 42
+
+
+class BrokenCrops:
+    """examples/byo.py's dataset, whose item `fail_at` raises (a corrupt file, say)."""
+
+    def __init__(self, fail_at: int, pad: int = 1):
+        import byo  # beside the config, examples/
+
+        self.inner, self.fail_at, self.num_classes = byo.CroppedDigits(pad), fail_at, 10
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise ValueError(f"row {i} is broken")
+        return self.inner[i]

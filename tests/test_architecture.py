@@ -44,6 +44,9 @@ def communicators():
 
     found = [LocalComm, torchdist.TorchDistComm, shm.HostShm, watchdog.Watched]
     try:
+        import mpi4py
+
+        mpi4py.rc.initialize = mpi4py.rc.finalize = False  # the class alone: no MPI (its /dev/shm segment) here
         from dist_train.comm import mpi
 
         found.append(mpi.MPIComm)

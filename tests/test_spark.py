@@ -47,6 +47,22 @@ def test_spark_gives_the_same_weights_as_mpi(spark, tmp_path):
     assert {"model.pt", "summary.json", "metrics.jsonl", "checkpoints"} <= {p.name for p in (tmp_path / "spark").iterdir()}
 
 
+def test_a_user_dataset_with_data_workers_trains_what_mpi_trains_and_objects_come_in_too(spark, tmp_path):
+    """examples/byo.py's random crops, two data processes per task: each task makes the
+    dataset itself (the module shipped to the executors) and reads only its rows."""
+    sets = ["train.epochs=2", "threads=1", "train.log_every=0", "spark.workers=2"]
+    L.train(spark, ROOT / "examples/byo.yaml", sets=sets, out_dir=tmp_path / "spark")
+    ok(mpirun(2, "examples/byo.yaml", tmp_path / "mpi", *sets))
+    assert_same_weights(tmp_path / "spark", tmp_path / "mpi")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import byo
+
+    result = L.train(spark, ROOT / "examples/byo.yaml", sets=sets, out_dir=tmp_path / "objects",
+                     data=byo.CroppedDigits(pad=1), model=byo.small_cnn, loss=byo.smooth_cross_entropy)
+    assert_same_weights(tmp_path / "objects", tmp_path / "mpi")
+    assert result.summary["eval"]["top5"] > 0.5
+
+
 def tiny_npz(tmp_path, rows):
     x = np.random.default_rng(4).standard_normal((rows, 5)).astype(np.float32)
     path = tmp_path / f"tiny{rows}.npz"
