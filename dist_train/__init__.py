@@ -13,4 +13,8 @@ def __getattr__(name):
         from .launchers.script import fit
 
         return fit
+    if name in ("config", "data"):  # dist_train.config.load(...), dist_train.data.item_generator(), ...
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(name)

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import dist_train
-from dist_train import config
 
 sys.path.insert(0, str(Path(__file__).parent))
 import byo  # noqa: E402
 
 
 def main(out: str, *sets: str) -> None:
-    cfg = config.load(Path(__file__).with_name("byo.yaml"), list(sets))
+    cfg = dist_train.config.load(Path(__file__).with_name("byo.yaml"), list(sets))
     result = dist_train.fit(cfg, model=byo.small_cnn, data=byo.CroppedDigits(pad=1), loss=byo.smooth_cross_entropy,
                             out_dir=out)
     print(f"eval accuracy {result.summary['eval']['accuracy']:.4f}")

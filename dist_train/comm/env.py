@@ -46,13 +46,20 @@ def _int(environ: Mapping[str, str], *names: str) -> int | None:
 
 
 def mpirun(environ: Mapping[str, str] = os.environ) -> Environment | None:
+    """Open MPI (OMPI_COMM_WORLD_*), MPICH / Hydra and srun --mpi=pmi2 (PMI_*), PMIx
+    (PMIX_RANK; the size from Open MPI's variables, or srun's under srun --mpi=pmix)."""
     rank = _int(environ, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-    size = _int(environ, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    size = _int(environ, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
     if rank is None or size is None:
         return None
-    local_rank = _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
-    local_size = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+    local_rank = _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+    local_size = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or _tasks_per_node(environ)
     return Environment("mpi", rank, size, local_rank or 0, local_size or 1)
+
+
+def _tasks_per_node(environ: Mapping[str, str]) -> int | None:
+    per_node = re.match(r"\d+", environ.get("SLURM_TASKS_PER_NODE", ""))
+    return int(per_node.group()) if per_node else None
 
 
 def torchrun(environ: Mapping[str, str] = os.environ) -> Environment | None:
@@ -72,9 +79,8 @@ def slurm(environ: Mapping[str, str] = os.environ) -> Environment | None:
         return None
     job = _int(environ, "SLURM_JOB_ID") or 0
     port = _int(environ, "MASTER_PORT") or 15000 + job % 20000  # the same on every task of the job
-    per_node = re.match(r"\d+", environ.get("SLURM_TASKS_PER_NODE", "1"))
-    return Environment("slurm", rank, size, _int(environ, "SLURM_LOCALID") or 0,
-                       int(per_node.group()) if per_node else 1, environ.get("MASTER_ADDR") or first_host(nodes), port)
+    return Environment("slurm", rank, size, _int(environ, "SLURM_LOCALID") or 0, _tasks_per_node(environ) or 1,
+                       environ.get("MASTER_ADDR") or first_host(nodes), port)
 
 
 def first_host(nodelist: str) -> str:

@@ -22,7 +22,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 

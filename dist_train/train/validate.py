@@ -58,7 +58,7 @@ def check(cfg, ds, model=None, loss=None) -> int | None:
     bad_row = find_nonfinite(ds.x)
     if bad_row is not None:
         raise DataError(f"{ds.name}: row {bad_row} holds NaN or Inf")
-    probe = (torch.from_numpy(np.ascontiguousarray(ds.x[:PROBE_ROWS])), torch.from_numpy(np.asarray(ds.y[:PROBE_ROWS])))
+    probe = torch.from_numpy(np.array(ds.x[:PROBE_ROWS])), torch.from_numpy(np.array(ds.y[:PROBE_ROWS]))
     return check_stats(cfg, DataStats.of(ds), model, loss, probe)
 
 
