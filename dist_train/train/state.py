@@ -11,7 +11,7 @@ from ..errors import UserError, first_line
 
 # a resume must read the same rows in the same order: these keys may not change
 ORDER_KEYS = ("seed", "data.name", "data.path", "data.size", "data.sampling", "data.eval_fraction",
-              "train.batch_size", "train.shuffle", "train.accumulate")
+              "data.target", "data.kwargs", "train.batch_size", "train.shuffle", "train.accumulate")
 
 
 @dataclass
