@@ -99,7 +99,6 @@ class Items:
         self.n = len(dataset)
         self.outputs: int | None = None  # decided by the pre-flight checks
         self.sample_shape = None  # the inputs' shape(s) per sample, from item 0
-        self.offset = 0
 
     # ------------------------------------------------------------ what the core asks
 
