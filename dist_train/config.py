@@ -144,6 +144,8 @@ KEYS: tuple[Key, ...] = (
     Key("data.classes", int, 10, "synthetic: number of classes", check=_positive),
     Key("data.shape", list, [1, 28, 28], "synthetic: shape of one sample", check=_positive_ints),
     Key("data.label_column", str, "label", "parquet: the label column; every other column is a feature"),
+    Key("data.cache_dir", str, None, "local directory for the on-disk copy of a worker's rows (Parquet, Spark "
+        "partitions); null = spark.local.dir under Spark, else the system's temporary directory", optional=True),
     # train
     Key("train.epochs", int, 10, "passes over the training rows", check=_positive),
     Key("train.batch_size", int, 64, "global batch: samples per step summed over all workers", check=_positive),

@@ -78,14 +78,20 @@ def test_uneven_and_empty_partitions_match_mpi(spark, tmp_path, rows):
     assert_same_weights(tmp_path / "spark", tmp_path / "mpi", atol=1e-6)
 
 
-def shard_rows(spark, source, world):
+def shard_rows(spark, source, world, what="rows"):
+    """Each partition of feed.shard's DataFrame, as its rows' indices (or its count of Arrow batches)."""
     import pyarrow as pa
 
-    def rows(blobs):
-        got = [b.column(feed.ROW).to_numpy() for _, blob in blobs for b in pa.ipc.open_stream(pa.py_buffer(blob))]
-        yield np.concatenate(got).tolist() if got else []
+    def rows(batches):
+        from pyspark import TaskContext
 
-    return feed.shard(spark, source, world).mapPartitions(rows).collect()
+        got = [b.column(feed.ROW).to_numpy() for b in feed._row_batches(batches)]
+        value = len(got) if what == "batches" else np.concatenate(got).tolist() if got else []
+        yield pa.record_batch({"part": pa.array([TaskContext.get().partitionId()], pa.int32()), "value": [json.dumps(value)]})
+
+    parts = feed.shard(spark, source, world).mapInArrow(rows, "part int, value string").collect()
+    assert sorted(p["part"] for p in parts) == list(range(world))
+    return [json.loads(p["value"]) for p in sorted(parts, key=lambda p: p["part"])]
 
 
 def test_partitions_hold_exactly_the_shards(spark):
@@ -182,8 +188,8 @@ def test_parquet_written_by_spark_streams_several_arrow_batches(spark, tmp_path)
         cfg = config.load(ROOT / "conf/xor.yaml", ["data.name=parquet", f"data.path={path}", "spark.workers=2",
                                                    "data.eval_fraction=0.1", "train.epochs=2"])
         source = feed.parquet_source(spark, cfg)
-        blobs_per_partition = feed.shard(spark, source, 2).glom().map(len).collect()
-        assert min(blobs_per_partition) > 1, blobs_per_partition
+        batches_per_partition = shard_rows(spark, source, 2, what="batches")
+        assert min(batches_per_partition) > 1, batches_per_partition
         sets = ["data.name=parquet", f"data.path={path}", "spark.workers=2", "data.eval_fraction=0.1",
                 "train.epochs=2", "train.optimizer=sgd", "train.lr=0.1"]
         L.train(spark, ROOT / "conf/xor.yaml", sets=sets, out_dir=tmp_path / "spark")

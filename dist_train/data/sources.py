@@ -3,8 +3,8 @@
 Features are float32 with the natural sample shape ((2,) for xor, (1, 8, 8) for
 digits, (1, 28, 28) for synthetic MNIST); labels are int64 class ids. Uncompressed
 `.npz` members are memory-mapped, so a dataset larger than RAM streams by batches;
-Parquet is read through Arrow's memory map into one array (under Spark each task
-holds only its own shard).
+Parquet is read batch by batch into a spool on local disk (spool.py); under Spark each
+task spools only its own shard.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import usercode
-from ..errors import DataError
+from ..errors import DataError, first_line
+from . import spool
 from .items import Items
 
 DIGITS_CSV = Path(__file__).with_name("datasets") / "digits.csv.gz"
@@ -114,22 +115,71 @@ def load_npz(path: str | Path) -> Dataset:
     return _checked(path, x, y)
 
 
-def load_parquet(path: str | Path, label_column: str) -> Dataset:
+def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = None) -> Dataset:
     """Parquet: `label_column` is the label; the features are one list column or
-    every other numeric column, in file order."""
+    every other numeric column, in file order. Read batch by batch into a spool on local
+    disk (spool.py), so the features never have to fit in memory; the labels are kept in
+    memory (one number a row)."""
     try:
-        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading Parquet needs pyarrow: pip install 'dist-train[parquet]'") from None
     files = parquet_files(path)
+    check_parquet_schemas(files)
+    x, labels, at = None, [], 0
     try:
-        tables = [pq.read_table(f, memory_map=True) for f in files]
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        readers = [pq.ParquetFile(f, memory_map=True) for f in files]
+        total = sum(r.metadata.num_rows for r in readers)
+        for f, reader in zip(files, readers):
+            for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                bx, by = table_to_arrays(batch, label_column, str(f))
+                if x is None:
+                    x = spool.spool((total, *bx.shape[1:]), np.float32, spool.spool_dir(cache_dir))
+                    pager = spool.Pager(x)
+                elif bx.shape[1:] != x.shape[1:]:
+                    raise DataError(f"{f}: rows have {bx.shape[1]} features, earlier rows {x.shape[1]}")
+                x[at:at + len(bx)] = bx
+                pager.touch(len(bx), bx[:1].nbytes)
+                labels.append(by)
+                at += len(bx)
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    x, y = table_to_arrays(table, label_column, str(path))
-    return _checked(Path(path), x, y)
+    if x is None:  # no rows at all: the columns still say what a row would be
+        x, by = table_to_arrays(readers[0].schema_arrow.empty_table(), label_column, str(files[0]))
+        labels.append(by)
+    return _checked(Path(path), x, np.concatenate(labels))
+
+
+PARQUET_BATCH_ROWS = 65536  # rows decoded at a time
+
+
+def check_parquet_schemas(files: list[Path]) -> None:
+    """Every file of a Parquet dataset has the first one's columns and types (read from the
+    footers only); else one line naming the file and the column."""
+    import pyarrow.parquet as pq
+
+    first = None
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{f}: not a readable Parquet file ({type(e).__name__}: {first_line(e)})") from None
+        if first is None:
+            first = (f, schema)
+            continue
+        ref = first[1]
+        for field in ref:
+            if field.name not in schema.names:
+                raise DataError(f"{f}: no column {field.name!r}, which {first[0].name} has (one schema across files)")
+            other = schema.field(field.name).type
+            if other != field.type:
+                raise DataError(f"{f}: column {field.name!r} is {other}, in {first[0].name} it is {field.type} "
+                                f"(one schema across files)")
+        extra = [n for n in schema.names if n not in ref.names]
+        if extra:
+            raise DataError(f"{f}: column {extra[0]!r} is not in {first[0].name} (one schema across files)")
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -146,24 +196,54 @@ def parquet_files(path: str | Path) -> list[Path]:
 
 
 def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """An Arrow table or record batch -> (features, labels) without a per-row loop."""
+    """An Arrow table or record batch -> (features, labels) without a per-row loop.
+    DataError (one line) for what cannot be features or labels: nulls, strings, nested
+    lists, list rows of different lengths."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     names = list(table.schema.names)
     if label_column not in names:
         raise DataError(f"{where}: no label column {label_column!r} (columns: {', '.join(names)})")
-    y = table.column(label_column).to_numpy()
+    label = table.column(label_column)
+    if not (pa.types.is_integer(label.type) or pa.types.is_floating(label.type) or pa.types.is_boolean(label.type)):
+        kind = "strings" if pa.types.is_string(label.type) or pa.types.is_large_string(label.type) else str(label.type)
+        raise DataError(f"{where}: label column {label_column!r} holds {kind}; labels must be numbers "
+                        f"(class ids 0..K-1, or targets): encode them first (e.g. Spark ML's StringIndexer)")
+    if label.null_count:
+        raise DataError(f"{where}: label column {label_column!r} has {label.null_count} null rows")
+    y = label.to_numpy()
+    if y.dtype == bool:
+        y = y.astype(np.int64)
     features = feature_columns(names, label_column, where)
     cols = [table.column(n) for n in features]
     if isinstance(table, pa.Table):
         cols = [c.combine_chunks() if c.num_chunks != 1 else c.chunk(0) for c in cols]
-    if len(cols) == 1 and (pa.types.is_list(cols[0].type) or pa.types.is_fixed_size_list(cols[0].type)):
-        flat = cols[0].flatten().to_numpy(zero_copy_only=False)
+    if len(cols) == 1 and (pa.types.is_list(cols[0].type) or pa.types.is_large_list(cols[0].type)
+                           or pa.types.is_fixed_size_list(cols[0].type)):
+        col, name = cols[0], features[0]
+        inner = col.type.value_type
+        if not (pa.types.is_integer(inner) or pa.types.is_floating(inner)):
+            raise DataError(f"{where}: feature column {name!r} holds lists of {inner}; it must hold numbers")
+        if col.null_count:
+            raise DataError(f"{where}: feature column {name!r} has {col.null_count} null rows")
+        flat = col.flatten()
+        if flat.null_count:
+            raise DataError(f"{where}: feature column {name!r} holds {flat.null_count} null values inside its lists")
+        if len(y) and not pa.types.is_fixed_size_list(col.type):
+            lengths = pc.list_value_length(col)
+            lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+            if lo != hi:
+                raise DataError(f"{where}: feature column {name!r} holds lists of different lengths "
+                                f"({lo} to {hi}); every row needs the same number of features")
+        flat = flat.to_numpy(zero_copy_only=False)
         x = flat.reshape(len(y), -1) if len(y) else flat.reshape(0, 0)
     else:
-        bad = [n for n, c in zip(features, cols) if not pa.types.is_integer(c.type) and not pa.types.is_floating(c.type)]
-        if bad:
-            raise DataError(f"{where}: feature column {bad[0]!r} is not numeric")
+        for n, c in zip(features, cols):
+            if not pa.types.is_integer(c.type) and not pa.types.is_floating(c.type):
+                raise DataError(f"{where}: feature column {n!r} is not numeric ({c.type})")
+            if c.null_count:
+                raise DataError(f"{where}: feature column {n!r} has {c.null_count} null rows")
         x = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]) if len(y) else np.zeros((0, len(cols)))
     return x.astype(np.float32, copy=False), y
 
@@ -219,7 +299,7 @@ def load(cfg, given=None):
         raise DataError(f"data.path {d.path} does not exist")
     if d.name == "npz":
         return load_npz(d.path)
-    return load_parquet(d.path, d.label_column)
+    return load_parquet(d.path, d.label_column, d.cache_dir)
 
 
 def user_items(cfg, given=None) -> Items:
@@ -238,9 +318,12 @@ def user_items(cfg, given=None) -> Items:
 
 
 def find_nonfinite(x: np.ndarray, chunk: int = 65536) -> int | None:
-    """Index of the first row holding NaN or Inf, or None (streams a memmap by chunks)."""
+    """Index of the first row holding NaN or Inf, or None (streams a memmap or a spool by chunks)."""
+    pager = spool.Pager(x)
     for start in range(0, len(x), chunk):
-        ok = np.isfinite(x[start:start + chunk].reshape(min(chunk, len(x) - start), -1)).all(axis=1)
+        rows = x[start:start + chunk]
+        ok = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+        pager.touch(len(rows), rows[:1].nbytes)
         if not ok.all():
             return start + int(np.argmin(ok))
     return None

@@ -4,10 +4,12 @@ rows, and how a batch of them reaches the device (the data context -> the model 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .spool import Pager
 
 HEAD_ROWS = 64  # rows hashed into the data's fingerprint
 
@@ -20,6 +22,10 @@ class WorkerData:
     outputs: int  # the model's output width, decided from the whole source
     offset: int = 0
     head: str | None = None  # a hash of the source's first rows, where this worker can see them
+    pager: Pager = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.pager = Pager(self.x, self.y)  # a spooled or memory-mapped shard: resident memory stays bounded
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -30,6 +36,7 @@ class WorkerData:
         local = rows - self.offset if self.offset else rows
         xb = torch.from_numpy(np.ascontiguousarray(self.x[local]))
         yb = torch.from_numpy(np.ascontiguousarray(self.y[local]))
+        self.pager.touch(len(local), self.x.itemsize * int(np.prod(self.sample_shape)))
         if device.type == "cuda":
             xb, yb = xb.pin_memory(), yb.pin_memory()
         return xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)

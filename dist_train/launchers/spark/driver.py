@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from ...train.outputs import prepare_out_dir, write_final
 from ..common import job_parser, out_dir
 from . import feed
 from .session import session
-from .task import TrainTask
+from .task import RESULT_SCHEMA, TrainTask
 
 
 class TrainingFailed(RuntimeError):
@@ -55,21 +56,36 @@ class TrainingFailed(RuntimeError):
 
 
 def preflight(spark, cfg) -> None:
-    """Fail at once where Spark itself would wait ~10 minutes (barrier slot re-checks) or refuse."""
-    conf = spark.sparkContext.getConf()
-    if conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+    """Fail at once where Spark itself would wait ~10 minutes (barrier slot re-checks) or refuse.
+    Reads the conf through the session (DataFrame API: Spark Connect has no SparkContext)."""
+    if conf(spark, "spark.dynamicAllocation.enabled", "false").lower() == "true":
         raise UserError("Spark barrier mode cannot run with dynamic allocation: "
                         "set spark.dynamicAllocation.enabled=false")
     if cfg.data.sampling != "shard":
         raise ConfigError("data.sampling", "Spark tasks each read only their own partition: use shard")
-    need, task_cpus = cfg.spark.workers, int(conf.get("spark.task.cpus", "1"))
-    master = spark.sparkContext.master
-    cores = master_cores(master, os.cpu_count() or 1)
+    need, task_cpus = cfg.spark.workers, int(conf(spark, "spark.task.cpus", "1"))
+    master = conf(spark, "spark.master", "")
+    cores = master_cores(master, os.cpu_count() or 1) if master else None
     slots = cores // task_cpus if cores is not None else _cluster_slots(spark, task_cpus, need)
-    if slots < need:
+    if slots is not None and slots < need:
         raise UserError(f"spark.workers={need} needs {need} free task slots, the cluster has {slots} "
                         f"({master}: {slots * task_cpus} cores / spark.task.cpus={task_cpus}): lower spark.workers "
                         f"or add executors/cores (a barrier stage waits ~10 minutes before Spark gives up)")
+
+
+def conf(spark, key: str, default: str) -> str:
+    try:
+        value = spark.conf.get(key, None)
+    except Exception:  # noqa: BLE001 - a Connect server may refuse to read a static key
+        value = None
+    return default if value is None else str(value)
+
+
+def classic_context(spark):
+    """The SparkContext of a classic session, None for a Spark Connect one (which has none)."""
+    if type(spark).__module__.startswith("pyspark.sql.connect"):
+        return None
+    return spark.sparkContext
 
 
 def master_cores(master: str, host_cores: int) -> int | None:
@@ -90,9 +106,12 @@ def master_cores(master: str, host_cores: int) -> int | None:
                     f"(local, local[N], local[*], local-cluster[W,C,M], spark://..., yarn, k8s://...)")
 
 
-def _cluster_slots(spark, task_cpus: int, need: int, wait_s: float = 10.0) -> int:
-    """Task slots = executor cores / spark.task.cpus; give executors a moment to register."""
-    sc = spark.sparkContext
+def _cluster_slots(spark, task_cpus: int, need: int, wait_s: float = 10.0) -> int | None:
+    """Task slots = executor cores / spark.task.cpus; give executors a moment to register.
+    None where the session cannot tell (Spark Connect to a cluster: Spark then waits itself)."""
+    sc = classic_context(spark)
+    if sc is None:
+        return None
     deadline = time.monotonic() + wait_s
     while True:
         slots = sc.defaultParallelism // task_cpus
@@ -115,13 +134,57 @@ def _source(spark, cfg, df, given: dict) -> feed.Source:
 
 
 def ship_user_code(spark, cfg) -> None:
-    """The user's modules that are local files reach every executor (SparkContext.addPyFile),
-    unless spark-submit's --py-files shipped them already."""
-    sc = spark.sparkContext
-    shipped = {Path(p.split(":", 1)[-1]).name for p in sc.getConf().get("spark.submit.pyFiles", "").split(",") if p}
+    """The user's modules that are local files reach every executor (addPyFile, or
+    addArtifacts over Spark Connect), unless spark-submit's --py-files shipped them already."""
+    sc = classic_context(spark)
+    shipped = {Path(p.split(":", 1)[-1]).name for p in conf(spark, "spark.submit.pyFiles", "").split(",") if p}
     for path in usercode.local_files(cfg):
-        if path.name not in shipped:
+        if path.name in shipped:
+            continue
+        if sc is not None:
             sc.addPyFile(str(path))
+        else:
+            spark.addArtifacts(str(path), pyfile=True)
+
+
+def executors_python(spark) -> None:
+    """Executors start `python3` unless told otherwise, which is rarely the Python that has
+    torch: a classic session whose user set neither PYSPARK_PYTHON nor spark.pyspark.python
+    gets this driver's interpreter (what a local master, the notebook case, needs)."""
+    sc = classic_context(spark)
+    if sc is None or os.environ.get("PYSPARK_PYTHON") or conf(spark, "spark.pyspark.python", ""):
+        return
+    sc.pythonExec = sys.executable
+
+
+_PROBE = """
+def probe(batches):
+    import importlib, sys
+    import pyarrow as pa
+    for _ in batches:
+        pass
+    found, missing = [], ""
+    for name in ("torch", "dist_train"):
+        try:
+            found.append(getattr(importlib.import_module(name), "__version__", "?"))
+        except Exception as e:
+            missing = missing or f"{name} ({type(e).__name__}: {e})"
+    yield pa.record_batch({"python": [sys.executable], "versions": [" ".join(found)], "missing": [missing]})
+"""
+
+
+def check_executors(spark) -> None:
+    """One small task first: an executor whose Python cannot import torch or dist_train is
+    one line here, not a barrier stage's failure text. The probe is compiled outside any
+    module, so cloudpickle ships it by value and it runs where dist_train does not."""
+    namespace = {"__name__": "dist_train_probe"}
+    exec(compile(_PROBE, "<dist-train probe>", "exec"), namespace)  # noqa: S102 - our own constant source
+    rows = spark.range(1, numPartitions=1).mapInArrow(namespace["probe"],
+                                                      "python string, versions string, missing string").collect()
+    row = rows[0]
+    if row["missing"]:
+        raise UserError(f"the executors' Python ({row['python']}) cannot import {row['missing']}: install "
+                        f"dist-train there, or point spark.pyspark.python (PYSPARK_PYTHON) at a Python that has it")
 
 
 # ---------------------------------------------------------------- the job
@@ -144,7 +207,10 @@ def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, l
     if out is not None:
         check_unlocked(out)  # a run in progress there: say that, not what its files look like
         prepare_out_dir(out, resume)
+    executors_python(spark)
     ship_user_code(spark, cfg)
+    log("[dist-train] spark: checking the executors and the data")
+    check_executors(spark)
     source = _source(spark, cfg, df, given)
     lock = OutLock(out).acquire() if out is not None else None  # the driver writes the run: it holds --out
     try:
@@ -164,8 +230,9 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
             atomic_write(out / ".attempt", str(attempt).encode())  # fences off older attempts
         task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given)
         follower = _Progress(out / "metrics.jsonl", log) if out is not None else None
+        log(f"[dist-train] spark: starting {world} barrier tasks (attempt {attempt})")
         try:
-            blobs = shards.barrier().mapPartitions(task).collect()
+            chunks = shards.mapInArrow(task, RESULT_SCHEMA, barrier=True).collect()
             break
         except Exception as e:  # noqa: BLE001 - Py4JJavaError and friends: find the rank's message
             cause = task_error(e)
@@ -176,7 +243,8 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
         finally:
             if follower is not None:
                 follower.stop()
-    return _result(cfg, source, load_bytes(blobs[0]), out, world, log, given.get("model"))
+    payload = b"".join(row["payload"] for row in sorted(chunks, key=lambda row: row["chunk"]))
+    return _result(cfg, source, load_bytes(payload), out, world, log, given.get("model"))
 
 
 def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given_model=None) -> Result:

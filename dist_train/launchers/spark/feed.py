@@ -1,10 +1,13 @@
 """The Spark data feed: a source of rows (a DataFrame, Parquet read by Spark, or a dataset
-the driver holds) cut into the N shards, and a shard assembled into arrays in its task.
+the driver holds) checked on the driver, cut into the N shards, and a shard spooled to
+its task's local disk.
 
-Rows get a global index `__row` (the source's row order); each source partition slices
-its Arrow batches by destination shard, [r*n/N, (r+1)*n/N) (DESIGN.md invariant 1); the
-slices travel as Arrow IPC blobs to partition r, where the task turns them into arrays
-without a per-row Python loop.
+Rows get a global index `__row` (the source's row order) and the key of their shard,
+[r*n/N, (r+1)*n/N) (DESIGN.md invariant 1); `repartition(N, key)` moves shard r to
+partition r (the keys are chosen so that Spark's hash of key r is r), and the barrier
+stage's task r reads it as Arrow batches, writing each into a memory-mapped file on the
+executor's disk (data/spool.py): no shard has to fit in the Python heap. DataFrame APIs
+only, so the same code runs over Spark Connect, which has no RDDs.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ... import data
-from ...data import sharding
+from ...data import sharding, spool
 from ...errors import DataError, first_line
 from ...train import validate
 
-ROW = "__row"
+ROW, KEY, BLOB = "__row", "__key", "__blob"
 NUMERIC = ("float", "double", "int", "bigint", "smallint", "tinyint")
 
 
@@ -57,7 +60,8 @@ def items_source(items: data.Items) -> Source:
 
 
 def dataframe_source(cfg, df, name: str = "dataframe", files: list[Path] | None = None) -> Source:
-    """Any DataFrame: its row order is partition by partition, row by row; a Parquet read
+    """Any DataFrame, checked on the driver (one query) so that a bad one is refused before
+    the barrier stage. Its row order is partition by partition, row by row; a Parquet read
     is ordered file by file (path order), as the MPI and local launchers read it."""
     from pyspark.sql import functions as F
 
@@ -65,25 +69,75 @@ def dataframe_source(cfg, df, name: str = "dataframe", files: list[Path] | None 
     if label not in df.columns:
         raise DataError(f"{name}: no label column {label!r} (columns: {', '.join(df.columns)})")
     features = data.feature_columns(df.columns, label, name)
+    df, kinds = _numeric_labels(_vectors_as_arrays(df, features), label, name)
+    array = len(features) == 1 and kinds[features[0]].startswith("array")
+    _check_feature_types(kinds, features, array, name)
     if ROW not in df.columns:
         df = _with_row_index(df, files)
-    stats = df.agg(F.count(F.lit(1)).alias("n"), F.min(label).alias("lo"), F.max(label).alias("hi"),
-                   F.sum(F.when(F.col(label).isin(0, 1), 0).otherwise(1)).alias("nonbinary"),
-                   F.sum(F.when(F.col(label) == F.floor(F.col(label)), 0).otherwise(1)).alias("fractional")).first()
-    kinds = dict(df.dtypes)
-    if len(features) == 1 and kinds[features[0]].startswith("array"):
-        first = df.select(F.size(features[0]).alias("w")).first()
-        width = int(first["w"]) if first else 0
+    y = F.col(label)
+    if array:
+        col = F.col(features[0])
+        null_features = col.isNull() | F.exists(col, lambda v: v.isNull())
+        sizes = [F.min(F.size(col)).alias("w_lo"), F.max(F.size(col)).alias("w_hi")]
     else:
-        bad = [c for c in features if kinds[c] not in NUMERIC]
-        if bad:
-            raise DataError(f"{name}: feature column {bad[0]!r} is not numeric ({kinds[bad[0]]})")
-        width = len(features)
+        null_features = F.lit(False)
+        for c in features:
+            null_features = null_features | F.col(c).isNull()
+        sizes = [F.lit(len(features)).alias("w_lo"), F.lit(len(features)).alias("w_hi")]
+    stats = df.agg(F.count(F.lit(1)).alias("n"), F.min(y).alias("lo"), F.max(y).alias("hi"),
+                   F.sum(F.when(y.isNull(), 1).otherwise(0)).alias("null_labels"),
+                   F.sum(F.when(null_features, 1).otherwise(0)).alias("null_features"),
+                   F.sum(F.when(y.isin(0, 1), 0).otherwise(1)).alias("nonbinary"),
+                   F.sum(F.when(y == F.floor(y), 0).otherwise(1)).alias("fractional"), *sizes).first()
+    n = int(stats["n"])
+    if stats["null_labels"]:
+        raise DataError(f"{name}: label column {label!r} has {stats['null_labels']} null rows (drop or fill them first)")
+    if stats["null_features"]:
+        where = f"feature column {features[0]!r}" if len(features) == 1 else "the feature columns"
+        raise DataError(f"{name}: {where} hold nulls in {stats['null_features']} rows (drop or fill them first)")
+    if n and stats["w_lo"] != stats["w_hi"]:
+        raise DataError(f"{name}: feature column {features[0]!r} holds arrays of different lengths "
+                        f"({stats['w_lo']} to {stats['w_hi']}); every row needs the same number of features")
+    width = int(stats["w_lo"] or 0)
     # whole numbers, stored as integers or floats, are class ids (data.class_ids, as files are read)
     label_kind = "i" if kinds[label] in NUMERIC[2:] or not stats["fractional"] else "f"
-    st = validate.DataStats(name, int(stats["n"]), (width,), label_kind, float(stats["lo"] or 0),
+    st = validate.DataStats(name, n, (width,), label_kind, float(stats["lo"] or 0),
                             float(stats["hi"] or 0), 1, not stats["nonbinary"])
-    return Source(df, int(stats["n"]), label, features, (width,), validate.check_stats(cfg, st), label_kind)
+    return Source(df, n, label, features, (width,), validate.check_stats(cfg, st), label_kind)
+
+
+def _vectors_as_arrays(df, features: list[str]):
+    """A Spark ML Vector feature column (what VectorAssembler makes) as an array<float> column."""
+    kinds = dict(df.dtypes)
+    if len(features) == 1 and kinds[features[0]] == "vector":
+        from pyspark.ml.functions import vector_to_array
+
+        return df.withColumn(features[0], vector_to_array(features[0], "float32"))
+    return df
+
+
+def _numeric_labels(df, label: str, name: str):
+    kinds = dict(df.dtypes)
+    if kinds[label] == "boolean":
+        df, kinds[label] = df.withColumn(label, df[label].cast("int")), "int"
+    elif kinds[label] not in NUMERIC and not kinds[label].startswith("decimal"):
+        what = "strings" if kinds[label] == "string" else kinds[label]
+        raise DataError(f"{name}: label column {label!r} holds {what}; labels must be numbers (class ids "
+                        f"0..K-1, or targets): encode them first (e.g. pyspark.ml.feature.StringIndexer)")
+    return df, kinds
+
+
+def _check_feature_types(kinds: dict, features: list[str], array: bool, name: str) -> None:
+    if array:
+        inner = kinds[features[0]][len("array<"):-1]
+        if inner not in NUMERIC and not inner.startswith("decimal"):
+            raise DataError(f"{name}: feature column {features[0]!r} is {kinds[features[0]]}; it must hold numbers "
+                            f"(an array of numbers, a Spark ML Vector, or numeric columns)")
+        return
+    bad = [c for c in features if kinds[c] not in NUMERIC and not kinds[c].startswith("decimal")]
+    if bad:
+        raise DataError(f"{name}: feature column {bad[0]!r} is not numeric ({kinds[bad[0]]}); the features are "
+                        f"one array or Vector column, or numeric columns")
 
 
 def _with_row_index(df, files: list[Path] | None = None):
@@ -105,7 +159,7 @@ def _with_row_index(df, files: list[Path] | None = None):
     with_pid = df.withColumn("__pid", F.spark_partition_id())
     counts = {r["__pid"]: r["count"] for r in with_pid.groupBy("__pid").count().collect()}
     starts, total = [], 0
-    for pid in range(df.rdd.getNumPartitions()):
+    for pid in range(max(counts, default=-1) + 1):  # partitions past the last non-empty one start nothing
         starts.append(total)
         total += counts.get(pid, 0)
     # monotonically_increasing_id: partition id in the upper 31 bits, position in the lower 33 (documented)
@@ -123,6 +177,7 @@ def _local_path(uri: str) -> str:
 
 def parquet_source(spark, cfg) -> Source:
     files = data.parquet_files(cfg.data.path)  # same file list and order as the other launchers
+    data.check_parquet_schemas(files)  # Spark would read a mismatched file as nulls
     try:
         df = spark.read.parquet(*[str(Path(f).resolve()) for f in files])
         df.schema  # noqa: B018 - reading the footer: a corrupt file fails here
@@ -152,58 +207,94 @@ def _ipc(batch) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+# ---------------------------------------------------------------- the shards
+
+
+def partition_keys(spark, world: int) -> list[int]:
+    """keys[r]: an int whose Spark hash puts it in partition r of `repartition(world, key)`
+    (HashPartitioning is pmod(murmur3(key), world), the `hash` function's). Asked of Spark
+    itself, so no reimplementation of its hash can drift."""
+    from pyspark.sql import functions as F
+
+    if world in _KEYS:
+        return _KEYS[world]
+    ids = F.col("id").cast("int")
+    found: dict[int, int] = {}
+    for lo in range(0, 1 << 30, 64 * world):
+        rows = (spark.range(lo, lo + 64 * world, numPartitions=1)
+                .select(ids.alias("k"), F.pmod(F.hash(ids), F.lit(world)).alias("p"))
+                .groupBy("p").agg(F.min("k").alias("k")).collect())
+        for row in rows:
+            found.setdefault(int(row["p"]), int(row["k"]))
+        if len(found) == world:
+            _KEYS[world] = [found[r] for r in range(world)]
+            return _KEYS[world]
+    raise RuntimeError(f"no hash keys for {world} partitions")  # unreachable for any real world size
+
+
+_KEYS: dict[int, list[int]] = {}  # Spark's hash is fixed: the keys of a world size never change
+
+
 def shard(spark, source: Source, world: int):
-    """An RDD of `world` partitions; partition r holds shard r as (r, Arrow IPC blob) pairs
-    (none for a user's dataset, which each task reads itself)."""
+    """A DataFrame of `world` partitions, partition r holding shard r: its rows (a DataFrame
+    source), one Arrow IPC blob of them (a dataset the driver holds), or nothing (a user's
+    dataset, which each task makes itself)."""
+    from pyspark.sql import functions as F
+
+    keys = partition_keys(spark, world)
     if source.items:
-        return spark.sparkContext.parallelize([(r, b"") for r in range(world)], world)
-    if source.dataset is not None:
-        blobs = [(r, _ipc(to_arrow(source.dataset, *sharding.shard_range(source.n, world, r)))) for r in range(world)]
-        return spark.sparkContext.parallelize(blobs, world)  # one element per partition, in order
-    columns = [ROW, *source.feature_columns, source.label_column]
-    sliced = source.df.select(*columns).mapInArrow(_Slicer(source.n, world), "part int, blob binary")
-    return sliced.rdd.map(lambda row: (row[0], row[1])).partitionBy(world, lambda part: part)
+        df = spark.createDataFrame([(k,) for k in keys], f"{KEY} int")
+    elif source.dataset is not None:
+        blobs = [(keys[r], _ipc(to_arrow(source.dataset, *sharding.shard_range(source.n, world, r))))
+                 for r in range(world)]
+        df = spark.createDataFrame(blobs, f"{KEY} int, {BLOB} binary")
+    else:
+        part = F.expr(f"int((({ROW} + 1) * {world} - 1) div {source.n})")  # r with r*n//N <= row < (r+1)*n//N
+        key = F.array(*[F.lit(k) for k in keys])[part]
+        df = source.df.select(ROW, *source.feature_columns, source.label_column, key.alias(KEY))
+    return df.repartition(world, KEY)
 
 
-class _Slicer:
-    """Executor side: cut each Arrow batch by destination shard (vectorised)."""
-
-    def __init__(self, n: int, world: int):
-        self.n, self.world = n, world
-
-    def __call__(self, batches):
-        import pyarrow as pa
-
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            rows = batch.column(ROW).to_numpy()
-            part = ((rows + 1) * self.world - 1) // self.n  # r with r*n//N <= row < (r+1)*n//N
-            for r in np.unique(part):
-                blob = _ipc(batch.filter(pa.array(part == r)))
-                yield pa.record_batch({"part": pa.array([int(r)], pa.int32()), "blob": pa.array([blob], pa.binary())})
-
-
-def assemble(rank: int, world: int, pieces, source: Source) -> data.WorkerData:
-    """Executor side: this task's shard, rows [lo, hi), from the Arrow blobs of its partition."""
+def spool_shard(rank: int, world: int, batches, source: Source, cache_dir: str | None = None) -> data.WorkerData:
+    """Executor side: this task's shard, rows [lo, hi), written batch by batch into a spool
+    on the executor's local disk (row i at position i - lo: no sort, no copy in the heap)."""
     import pyarrow as pa
 
-    n, sample_shape = source.n, source.sample_shape
-    lo, hi = sharding.shard_range(n, world, rank)
-    batches = [b for _, blob in pieces for b in pa.ipc.open_stream(pa.py_buffer(blob))]
-    if batches:
-        table = pa.Table.from_batches(batches)
-        table = table.take(pa.array(np.argsort(table.column(ROW).to_numpy(), kind="stable")))
-        rows = table.column(ROW).to_numpy()
-        x, y = data.table_to_arrays(table.drop_columns([ROW]), source.label_column, f"partition {rank}")
-    else:
-        rows, x, y = np.zeros(0, np.int64), np.zeros((0, int(np.prod(sample_shape))), np.float32), np.zeros(0, np.int64)
-    if not np.array_equal(rows, np.arange(lo, hi)):
-        raise DataError(f"partition {rank} holds rows that are not [{lo}, {hi}): is the DataFrame "
+    lo, hi = sharding.shard_range(source.n, world, rank)
+    width = int(np.prod(source.sample_shape))
+    x = spool.spool((hi - lo, width), np.float32, spool.spool_dir(cache_dir))
+    y = np.zeros(hi - lo, np.int64 if source.label_kind in "iu" else np.float32)
+    seen = np.zeros(hi - lo, np.uint8)
+    pager = spool.Pager(x)
+    for batch in _row_batches(batches):
+        if batch.num_rows == 0:
+            continue
+        rows = batch.column(ROW).to_numpy()
+        if rows.min() < lo or rows.max() >= hi:
+            raise DataError(f"partition {rank} holds rows that are not [{lo}, {hi}): is the DataFrame "
+                            f"deterministic? (cache or checkpoint it first)")
+        bx, by = data.table_to_arrays(batch.drop_columns([c for c in (ROW, KEY) if c in batch.schema.names]),
+                                      source.label_column, f"partition {rank}")
+        bad = data.find_nonfinite(bx)
+        if bad is not None:
+            raise DataError(f"row {rows[bad]} holds NaN or Inf")
+        x[rows - lo], y[rows - lo] = bx.reshape(len(bx), width), by
+        np.add.at(seen, rows - lo, 1)
+        pager.touch(len(rows), width * 4)
+    if not (seen == 1).all():
+        raise DataError(f"partition {rank} holds rows that are not [{lo}, {hi}) each once: is the DataFrame "
                         f"deterministic? (cache or checkpoint it first)")
-    bad = data.find_nonfinite(x)
-    if bad is not None:
-        raise DataError(f"row {lo + bad} holds NaN or Inf")
-    x = np.ascontiguousarray(x.reshape(len(x), *sample_shape))
-    y = y.astype(np.int64 if source.label_kind in "iu" else np.float32, copy=False)
-    return data.WorkerData(x, y, n, source.outputs, offset=lo)
+    pager.release()
+    return data.WorkerData(x.reshape(hi - lo, *source.sample_shape), y, source.n, source.outputs, offset=lo)
+
+
+def _row_batches(batches):
+    """The record batches of rows in a task's input: as they come, or out of the IPC blobs."""
+    import pyarrow as pa
+
+    for batch in batches:
+        if BLOB in batch.schema.names:
+            for blob in batch.column(BLOB).to_pylist():
+                yield from pa.ipc.open_stream(pa.py_buffer(blob))
+        elif ROW in batch.schema.names:
+            yield batch

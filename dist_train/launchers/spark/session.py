@@ -6,7 +6,11 @@ import sys
 
 
 def session(app: str = "dist-train"):
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local executors run this environment's Python
-    return SparkSession.builder.appName(app).getOrCreate()
+    builder = SparkSession.builder.appName(app)
+    if not SparkConf().contains("spark.log.level"):  # Spark's INFO lines (~100 a run) unless the user asks for them
+        builder = builder.config("spark.log.level", "WARN")
+    return builder.getOrCreate()

@@ -1,5 +1,5 @@
 """The barrier task: where am I (the Spark task's environment, its rendezvous), this
-task's shard (feed.assemble), then the same `fit` as every launcher.
+task's shard (feed.spool_shard), then the same `fit` as every launcher.
 
 Rank 0 opens a TCPStore on its executor's address; allGather shares the port. The
 allGather runs in a thread from the task's first moment: Spark answers a barrier call
@@ -26,8 +26,12 @@ PEER_LOSS_GRACE_S = 3.0  # a task that failed because a peer did waits, so the p
 WATCHDOG_GRACE_S = 10.0  # after the watchdog named a stalled peer, the task's own collective fails; else it leaves
 
 
+RESULT_SCHEMA = "chunk int, payload binary"
+RESULT_CHUNK = 32 << 20  # rank 0's model and summary travel in pieces (spark.driver.maxResultSize bounds a collect)
+
+
 class TrainTask:
-    """mapPartitions' function of the barrier stage: returns rank 0's model and summary."""
+    """mapInArrow's function of the barrier stage: yields rank 0's model and summary, in chunks."""
 
     def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int,
                  given: dict | None = None):
@@ -35,7 +39,8 @@ class TrainTask:
         self.source = replace(source, df=None, dataset=None)  # what a task needs to know of it, not the rows
         self.given = given or {}  # the notebook's model, data and loss objects (pickled with the task)
 
-    def __call__(self, pieces):
+    def __call__(self, batches):
+        import pyarrow as pa
         from pyspark import BarrierTaskContext
 
         from ...train.checkpoint import to_bytes
@@ -45,17 +50,20 @@ class TrainTask:
         failures.reset()  # Spark reuses its Python workers: nothing of an earlier task counts
         failures.exit_with_parent(f"rank {rank}")  # the executor gone: do not train on
         try:
-            result = self._train(ctx, rank, pieces)
+            result = self._train(ctx, rank, batches)
         except BaseException as e:  # noqa: BLE001 - the driver gets one line naming the rank and the cause
             raise RuntimeError(_report(e, rank)) from None
         finally:
             failures.reset()  # no deferred exit may outlive this task into the next
         if rank == 0:
-            yield to_bytes({"model": result.model_payload(self.cfg), "summary": result.summary})
+            blob = to_bytes({"model": result.model_payload(self.cfg), "summary": result.summary})
+            for i, at in enumerate(range(0, len(blob), RESULT_CHUNK)):
+                yield pa.record_batch({"chunk": pa.array([i], pa.int32()),
+                                       "payload": pa.array([blob[at:at + RESULT_CHUNK]], pa.binary())})
 
-    def _train(self, ctx, rank, pieces):
+    def _train(self, ctx, rank, batches):
         rendezvous = Rendezvous(ctx, rank, self.world)
-        shard = self._shard(rank, pieces)
+        shard = self._shard(rank, batches)
         env, store = rendezvous.finish()
         comm = connect(env, timeout_s=self.cfg.comm.timeout_s, shm=self.cfg.comm.shm, store=store,
                        fail=failures.deferred_exit(WATCHDOG_GRACE_S))
@@ -73,10 +81,12 @@ class TrainTask:
                 comm.close()  # the worker process is reused: leave no process group behind
             raise
 
-    def _shard(self, rank: int, pieces):
-        """This task's data: its shard's rows assembled, or the user's dataset made here."""
+    def _shard(self, rank: int, batches):
+        """This task's data: its shard's rows spooled to local disk, or the user's dataset made here."""
         if not self.source.items:
-            return feed.assemble(rank, self.world, pieces, self.source)
+            return feed.spool_shard(rank, self.world, batches, self.source, self.cfg.data.cache_dir)
+        for _ in batches:  # the input is one key row: read it, as the stage expects
+            pass
         items = data.load(self.cfg, self.given.get("data"))
         items.outputs = self.source.outputs
         return items
