@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config, data, device, models, usercode
+from . import config, data, device, usercode
 from .comm import LocalComm
 from .data import WorkerData
 from .data.items import from_jsonable, jsonable
@@ -29,7 +29,7 @@ from .launchers.common import find_executable
 from .train import losses, metrics
 from .train.evaluate import evaluate
 from .train.losses import predict as to_predictions
-from .train.outputs import load_model_file
+from .train.outputs import load_model_file, model_from_payload
 
 
 def load_run(run_dir: str | Path, trust_code: bool = False):
@@ -37,19 +37,10 @@ def load_run(run_dir: str | Path, trust_code: bool = False):
     is refused unless `trust_code`: importing a module runs it."""
     payload = load_model_file(run_dir)
     cfg = config.build(dict(config.flat_items(payload["config"])), check_files=False)
-    meta = payload["meta"]
-    if meta.get("model") == "object":
-        raise UserError(f"{run_dir}: its model was given to dist_train.fit as an object; load model.pt's "
-                        f"state_dict into that model instead")
     usercode.refuse_untrusted(cfg, f"{run_dir}/model.pt", trust_code)
     if str(Path.cwd()) not in sys.path:
         sys.path.append(str(Path.cwd()))  # the user's modules, from where the run was started
-    model = models.build(cfg, from_jsonable(meta["sample_shape"]), meta["outputs"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{run_dir}: model.pt does not match its own config: {first_line(e)}") from None
-    return cfg, model.eval(), meta
+    return model_from_payload(payload, str(run_dir))
 
 
 def evaluate_run(run_dir: str | Path, data_path: str | None = None, trust_code: bool = False) -> dict:

@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from .. import config, models
+from ..data.items import from_jsonable
+from ..errors import UserError, first_line
 from ..files import atomic_write
 from . import checkpoint
 
@@ -156,3 +158,19 @@ def load_model_file(path: str | Path) -> dict:
         return checkpoint.load(path)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path} is not a dist-train model: {type(e).__name__}: {e}") from None
+
+
+def model_from_payload(payload: dict, where: str):
+    """(config, model in eval mode, meta) from a model.pt payload: the model its config
+    builds (importing the user's modules it names), with the saved weights."""
+    cfg = config.build(dict(config.flat_items(payload["config"])), check_files=False)
+    meta = payload["meta"]
+    if meta.get("model") == "object":
+        raise UserError(f"{where}: its model was given to dist_train.fit as an object; load model.pt's "
+                        f"state_dict into that model instead")
+    model = models.build(cfg, from_jsonable(meta["sample_shape"]), meta["outputs"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{where}: the weights do not match their own config: {first_line(e)}") from None
+    return cfg, model.eval(), meta

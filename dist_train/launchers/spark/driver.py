@@ -158,33 +158,38 @@ def executors_python(spark) -> None:
 
 
 _PROBE = """
-def probe(batches):
+def probe(_):
     import importlib, sys
-    import pyarrow as pa
-    for _ in batches:
-        pass
     found, missing = [], ""
     for name in ("torch", "dist_train"):
         try:
             found.append(getattr(importlib.import_module(name), "__version__", "?"))
         except Exception as e:
             missing = missing or f"{name} ({type(e).__name__}: {e})"
-    yield pa.record_batch({"python": [sys.executable], "versions": [" ".join(found)], "missing": [missing]})
+    return "\\n".join([sys.executable, " ".join(found), missing])
 """
 
 
 def check_executors(spark) -> None:
     """One small task first: an executor whose Python cannot import torch or dist_train is
-    one line here, not a barrier stage's failure text. The probe is compiled outside any
-    module, so cloudpickle ships it by value and it runs where dist_train does not."""
+    one line here, not a barrier stage's failure text. The probe is a plain Python UDF (no
+    Arrow, which needs pyarrow there) compiled outside any module, so cloudpickle ships it
+    by value and it runs where dist_train is missing."""
+    from pyspark.sql import functions as F
+
     namespace = {"__name__": "dist_train_probe"}
     exec(compile(_PROBE, "<dist-train probe>", "exec"), namespace)  # noqa: S102 - our own constant source
-    rows = spark.range(1, numPartitions=1).mapInArrow(namespace["probe"],
-                                                      "python string, versions string, missing string").collect()
-    row = rows[0]
-    if row["missing"]:
-        raise UserError(f"the executors' Python ({row['python']}) cannot import {row['missing']}: install "
-                        f"dist-train there, or point spark.pyspark.python (PYSPARK_PYTHON) at a Python that has it")
+    probe = F.udf(namespace["probe"], "string", useArrow=False)
+    try:
+        python, _versions, missing = spark.range(1, numPartitions=1).select(probe("id")).first()[0].split("\n")
+    except Exception as e:  # noqa: BLE001 - the worker could not even start: find why in Spark's text
+        gone = re.search(r"No module named '([\w.]+)'", str(e))
+        if gone is None:
+            raise
+        python, missing = conf(spark, "spark.pyspark.python", os.environ.get("PYSPARK_PYTHON", "python3")), gone[1]
+    if missing:
+        raise UserError(f"the executors' Python ({python}) cannot import {missing}: install dist-train there, "
+                        f"or point spark.pyspark.python (PYSPARK_PYTHON) at a Python that has it")
 
 
 # ---------------------------------------------------------------- the job

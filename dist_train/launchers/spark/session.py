@@ -11,6 +11,9 @@ def session(app: str = "dist-train"):
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local executors run this environment's Python
     builder = SparkSession.builder.appName(app)
-    if not SparkConf().contains("spark.log.level"):  # Spark's INFO lines (~100 a run) unless the user asks for them
+    given = SparkConf()
+    if not given.contains("spark.log.level"):  # Spark's INFO lines (~100 a run) unless the user asks for them
         builder = builder.config("spark.log.level", "WARN")
+    if not given.contains("spark.ui.showConsoleProgress"):  # its stage bar garbles the driver's progress lines
+        builder = builder.config("spark.ui.showConsoleProgress", "false")
     return builder.getOrCreate()
