@@ -55,6 +55,14 @@ def _tensorboard(v):
     return None
 
 
+def _mlflow(v):
+    import importlib.util
+
+    if v and importlib.util.find_spec("mlflow") is None:
+        return "needs the mlflow package: pip install 'dist-train[mlflow]'"
+    return None
+
+
 def _device(v):
     if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
         return None
@@ -177,6 +185,11 @@ KEYS: tuple[Key, ...] = (
     Key("train.log_every", int, 10, "write a metrics line every N steps (0: once per epoch)", check=_non_negative),
     Key("log.tensorboard", bool, False, "also write the metrics as TensorBoard scalars to OUT/tensorboard",
         check=_tensorboard),
+    Key("log.mlflow", bool, False, "track the run in MLflow: one run per job (rank 0 logs), params = the config, "
+        "metrics at every logged step, the summary and model.pt; --resume continues the run", check=_mlflow),
+    Key("log.mlflow_uri", str, None, "MLflow tracking URI; null = MLFLOW_TRACKING_URI, else MLflow's default",
+        optional=True),
+    Key("log.mlflow_experiment", str, "dist-train", "MLflow experiment the run goes to (made if missing)"),
     Key("train.target_loss", float, None, "stop once the globally averaged training loss of a step is <= this",
         optional=True, check=_non_negative),
     Key("train.skip_nonfinite", bool, False, "on a NaN/Inf loss on any worker, every worker skips that step "

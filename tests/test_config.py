@@ -154,3 +154,13 @@ def test_real_process_exit_code_and_single_line():
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.strip() == "error: config error: train.lr: must be > 0, got -1.0"
+
+
+def test_mlflow_without_the_package_is_refused_at_config_time(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"log.mlflow: needs the mlflow package: pip install 'dist-train\[mlflow\]'"):
+        config.load(None, ["log.mlflow=true"])
+    assert config.load(None, ["log.mlflow=false"]).log.mlflow is False

@@ -22,6 +22,7 @@ SETS = ["train.log_every=0", "checkpoint.keep=1"]
 @pytest.fixture(scope="module")
 def spark():
     os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # the executors' environment is the JVM's, fixed at its start
     from pyspark.sql import SparkSession
 
     s = (SparkSession.builder.master("local[3]").appName("dist-train-ml-tests")
@@ -173,3 +174,17 @@ def test_an_executor_python_without_torch_is_one_line(spark, tmp_path):
     finally:
         sc.pythonExec = kept
     driver.check_executors(spark)  # this environment's Python has both
+
+
+def test_a_spark_job_makes_one_mlflow_run(spark, tmp_path):
+    from dist_train.spark import train
+
+    from .test_mlflow import check_one_run
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    train(spark, ROOT / "conf/digits.yaml", out_dir=tmp_path / "out", sets=[
+        "train.epochs=2", "model.hidden=[16]", "train.log_every=5", "spark.workers=2", "log.mlflow=true",
+        f"log.mlflow_uri={uri}"])
+    client, run = check_one_run(uri, tmp_path / "out")
+    assert run.data.tags["dist_train.launcher"] == "spark"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 4

@@ -89,9 +89,13 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
     run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, local_rank=local_rank,
                 threads=threads, fence=fence, quiet=quiet, given=(model, loss))
     failures.PROGRESS.training = True  # from here a worker that leaves fails the job
-    while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
-        run_epoch(run)
-    return finish(run, write_outputs)
+    try:
+        while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
+            run_epoch(run)
+        return finish(run, write_outputs)
+    except BaseException:
+        run.writer.tracking_failed()  # the MLflow run says FAILED, not RUNNING forever
+        raise
 
 
 def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet, given) -> Run:
@@ -116,6 +120,7 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fe
                                  accumulate=cfg.train.accumulate, eval_fraction=cfg.data.eval_fraction,
                                  sampling=cfg.data.sampling)
     writer.start_metrics(pos.step if ckpt is not None else None)
+    writer.start_tracking(cfg, ckpt.get("mlflow_run_id") if ckpt is not None else None, launcher, comm.world_size)
     step = Step(cfg, comm, model, optimizer, grads, loss, measures, device, writer.log)
     run = Run(cfg, comm, data, launcher, threads, device, model, optimizer, grads, writer, pos, ckpt is not None,
               plan, step, Clock(comm.world_size, pos.samples), started, loss, measures, given[0])
@@ -199,5 +204,6 @@ def finish(run: Run, write_outputs: bool) -> Result:
     result = Result({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, report, run.model)
     if write_outputs and writer.active:
         write_final(writer.out, result.model_payload(cfg), report)
+    writer.finish_tracking(report, result.model_payload(cfg))
     writer.log(done_line(report))
     return result

@@ -4,6 +4,7 @@
     summary.json    launcher, world_size, steps, epochs, final_train_loss, eval, speed, time
     metrics.jsonl   one JSON object per logged step and per epoch
     tensorboard/    the same as TensorBoard scalars (log.tensorboard: true)
+    (MLflow)        one run with the same numbers, the summary and model.pt (log.mlflow: true, tracking.py)
     checkpoints/    step-NNNNNNNN.pt (+ .sha256), for --resume
 
 Call sites never test the rank: a `RunWriter` built with `active=False` does nothing
@@ -47,6 +48,8 @@ class RunWriter:
     def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout, fence=None,
                  tensorboard: bool = False):
         self.active = active and out_dir is not None
+        self.rank0 = active  # tracks the run (MLflow) even without --out
+        self.tracker = None
         self.fence = fence
         self.out = Path(out_dir) if out_dir is not None else None
         self.stream = stream if active else None  # None: print nothing
@@ -119,7 +122,26 @@ class RunWriter:
             raise StaleRun(f"a newer attempt owns {self.out}: this one stops without writing")
         return True
 
+    def start_tracking(self, cfg, run_id: str | None, launcher: str, world: int) -> None:
+        """Rank 0: open (or, resumed, reopen) the job's MLflow run (log.mlflow)."""
+        if self.rank0 and cfg.log.mlflow:
+            from .tracking import Tracker
+
+            self.tracker = Tracker(cfg, run_id, launcher, world)
+
+    def finish_tracking(self, summary: dict, model_payload: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(summary, model_payload)
+            self.tracker = None
+
+    def tracking_failed(self) -> None:
+        if self.tracker is not None:
+            self.tracker.failed()
+            self.tracker = None
+
     def metric(self, record: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.metrics(record)
         if self.active and self._owns_out():
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -137,6 +159,8 @@ class RunWriter:
 
     def checkpoint(self, step: int, state: dict, keep: int) -> None:
         if self.active and self._owns_out():
+            if self.tracker is not None:
+                state["mlflow_run_id"] = self.tracker.run_id  # a resume continues the same run
             checkpoint.save(self.checkpoint_dir, step, state, keep)
 
 

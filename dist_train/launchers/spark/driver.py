@@ -33,7 +33,7 @@ from pathlib import Path
 from ... import config, data, failures, models, usercode
 from ...errors import ConfigError, UserError
 from ...files import OutLock, atomic_write, check_unlocked
-from ...train import Result, validate
+from ...train import Result, tracking, validate
 from ...train.checkpoint import load_bytes
 from ...train.outputs import prepare_out_dir, write_final
 from ..common import job_parser, out_dir
@@ -207,6 +207,7 @@ def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, l
         cfg = config.load(cfg, list(sets))
     given = {"model": model, "data": data, "loss": loss}
     config.check_world(cfg, cfg.spark.workers)
+    tracking.resolve_uri(cfg)  # rank 0 tracks from an executor: give it the driver's MLflow URI
     preflight(spark, cfg)
     out = Path(out_dir).resolve() if out_dir else None
     if out is not None:
