@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predictions of a run's model for an .npz or Parquet input")
     pr.add_argument("run_dir")
     pr.add_argument("input")
-    pr.add_argument("--out", required=True, help="Parquet file to write")
+    pr.add_argument("--out", required=True, help="Parquet file to write (with --spark: a Parquet directory)")
+    pr.add_argument("--spark", action="store_true", help="predict on Spark executors, for a Parquet input too large "
+                    "for one machine")
+    pr.add_argument("--master", help="with --spark: the Spark master (default local[*])")
     ex = sub.add_parser("export", help="write a run's model as ONNX or TorchScript")
     ex.add_argument("run_dir")
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
@@ -129,6 +132,9 @@ def _use(args) -> int:
 
     if args.command == "eval":
         print(json.dumps(use.evaluate_run(args.run_dir, args.data, trust_code=args.trust_code)))
+    elif args.command == "predict" and args.spark:
+        rows = _spark_predict(args)
+        print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
     elif args.command == "predict":
         rows = use.predict_run(args.run_dir, args.input, args.out, trust_code=args.trust_code)
         print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
@@ -138,6 +144,19 @@ def _use(args) -> int:
     else:
         use.print_info()
     return 0
+
+
+def _spark_predict(args) -> int:
+    from .launchers.spark import ml
+    from .launchers.spark.session import session
+
+    if not Path(args.input).exists():
+        raise UserError(f"{args.input} does not exist")
+    spark = session("dist-train-predict", master=args.master or "local[*]")
+    try:
+        return ml.predict_parquet(spark, args.run_dir, args.input, args.out, trust_code=args.trust_code)
+    finally:
+        spark.stop()
 
 
 COMMANDS = {"local": _local, "mpi": _mpi, "spark": _spark, "config": _config, "plot": _plot,

@@ -154,6 +154,9 @@ KEYS: tuple[Key, ...] = (
     Key("data.label_column", str, "label", "parquet: the label column; every other column is a feature"),
     Key("data.cache_dir", str, None, "local directory for the on-disk copy of a worker's rows (Parquet, Spark "
         "partitions); null = spark.local.dir under Spark, else the system's temporary directory", optional=True),
+    Key("data.resident_mb", int, 64, "MB of a worker's on-disk rows it keeps mapped in memory; beyond that the "
+        "pages are given back (a row read again costs a page fault, ~7 us); 0 = keep all (the page cache decides)",
+        check=_non_negative),
     # train
     Key("train.epochs", int, 10, "passes over the training rows", check=_positive),
     Key("train.batch_size", int, 64, "global batch: samples per step summed over all workers", check=_positive),

@@ -356,3 +356,15 @@ def test_the_driver_shows_the_workers_progress(spark, tmp_path):
     steps = [x for x in lines if x.startswith("[dist-train] spark: step")]
     assert steps and "loss" in steps[0] and "samples/s" in steps[0]
     assert any("epoch 1 done" in x for x in lines)
+
+
+def test_without_out_the_driver_still_shows_the_progress_as_it_comes(spark):
+    """No shared --out to follow: rank 0 sends its records to the driver over TCP."""
+    lines = []
+    L.train(spark, ROOT / "conf/digits.yaml", sets=["train.epochs=2", "model.hidden=[16]", "train.log_every=10",
+                                                    "spark.workers=2"], log=lines.append)
+    steps = [x for x in lines if x.startswith("[dist-train] spark: step")]
+    assert [int(x.split()[3]) for x in steps] == list(range(10, 50, 10))  # 46 steps, logged every 10
+    assert lines.index(steps[0]) > lines.index(next(x for x in lines if "starting 2 barrier tasks" in x))
+    assert max(lines.index(x) for x in steps) < lines.index(next(x for x in lines if "spark: done" in x))
+    assert any("epoch 1 done" in x for x in lines)

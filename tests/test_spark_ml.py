@@ -22,12 +22,13 @@ SETS = ["train.log_every=0", "checkpoint.keep=1"]
 @pytest.fixture(scope="module")
 def spark():
     os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # the executors' environment is the JVM's, fixed at its start
     from pyspark.sql import SparkSession
 
     s = (SparkSession.builder.master("local[3]").appName("dist-train-ml-tests")
          .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
-         .config("spark.sql.shuffle.partitions", "4").getOrCreate())
+         .config("spark.sql.shuffle.partitions", "4")
+         .config("spark.executorEnv.MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this
+         .getOrCreate())
     s.sparkContext.setLogLevel("ERROR")
     yield s
     s.stop()
@@ -176,9 +177,10 @@ def test_an_executor_python_without_torch_is_one_line(spark, tmp_path):
     driver.check_executors(spark)  # this environment's Python has both
 
 
-def test_a_spark_job_makes_one_mlflow_run(spark, tmp_path):
+def test_a_spark_job_makes_one_mlflow_run(spark, tmp_path, monkeypatch):
     from dist_train.spark import train
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # here; the executors have it from spark.executorEnv
     from .test_mlflow import check_one_run
 
     uri = f"file:{tmp_path / 'mlruns'}"
@@ -188,3 +190,31 @@ def test_a_spark_job_makes_one_mlflow_run(spark, tmp_path):
     client, run = check_one_run(uri, tmp_path / "out")
     assert run.data.tags["dist_train.launcher"] == "spark"
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 4
+
+
+def test_predict_with_spark_matches_predict_on_one_machine(tmp_path):
+    """`dist-train predict RUN INPUT --spark`: a directory of Parquet files predicted on the
+    executors, written by them; the same rows and predictions as the local predict."""
+    import pyarrow.parquet as pq
+
+    from .helpers import BIN, local, run
+
+    (tmp_path / "in").mkdir()
+    digits_parquet(tmp_path / "in" / "part-0.parquet", np.arange(0, 900))
+    digits_parquet(tmp_path / "in" / "part-1.parquet", np.arange(900, 1797))
+    ok(local("conf/digits.yaml", tmp_path / "run", "data.name=parquet", f"data.path={tmp_path / 'in'}",
+             "train.epochs=3", "train.log_every=0"))
+    ok(run([BIN / "dist-train", "predict", tmp_path / "run", tmp_path / "in", "--out", tmp_path / "one.parquet"]))
+    p = run([BIN / "dist-train", "predict", tmp_path / "run", tmp_path / "in", "--spark", "--master", "local[2]",
+             "--out", tmp_path / "many"], timeout=240)
+    ok(p)
+    assert "wrote 1797 predictions" in p.stderr
+    one = pq.read_table(tmp_path / "one.parquet").to_pandas()
+    many = pq.read_table(tmp_path / "many").to_pandas().sort_values("row").reset_index(drop=True)
+    assert list(many["row"]) == list(one["row"]) == list(range(1797))
+    assert np.array_equal(many["prediction"].to_numpy(), one["prediction"].to_numpy().astype(np.float64))
+    assert np.allclose(np.stack(many["probability"]).sum(1), 1) and "p0" not in many.columns
+    assert list(many["label"]) == list(data.digits().y)  # the columns that are not features come along
+    again = run([BIN / "dist-train", "predict", tmp_path / "run", tmp_path / "in", "--spark", "--out",
+                 tmp_path / "many"], timeout=240)
+    assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]

@@ -128,7 +128,7 @@ def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = No
     check_parquet_schemas(files)
     x, labels, at = None, [], 0
     try:
-        readers = [pq.ParquetFile(f, memory_map=True) for f in files]
+        readers = [pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False) for f in files]  # streamed, not mapped
         total = sum(r.metadata.num_rows for r in readers)
         for f, reader in zip(files, readers):
             for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS):
@@ -139,13 +139,16 @@ def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = No
                 elif bx.shape[1:] != x.shape[1:]:
                     raise DataError(f"{f}: rows have {bx.shape[1]} features, earlier rows {x.shape[1]}")
                 x[at:at + len(bx)] = bx
-                pager.touch(len(bx), bx[:1].nbytes)
+                pager.touch()
                 labels.append(by)
                 at += len(bx)
     except DataError:
         raise
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # the decoded batches' buffers, back to the system
     if x is None:  # no rows at all: the columns still say what a row would be
         x, by = table_to_arrays(readers[0].schema_arrow.empty_table(), label_column, str(files[0]))
         labels.append(by)
@@ -212,7 +215,7 @@ def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, n
                         f"(class ids 0..K-1, or targets): encode them first (e.g. Spark ML's StringIndexer)")
     if label.null_count:
         raise DataError(f"{where}: label column {label_column!r} has {label.null_count} null rows")
-    y = label.to_numpy()
+    y = label.to_numpy(zero_copy_only=False) if pa.types.is_boolean(label.type) else label.to_numpy()
     if y.dtype == bool:
         y = y.astype(np.int64)
     features = feature_columns(names, label_column, where)
@@ -323,7 +326,7 @@ def find_nonfinite(x: np.ndarray, chunk: int = 65536) -> int | None:
     for start in range(0, len(x), chunk):
         rows = x[start:start + chunk]
         ok = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
-        pager.touch(len(rows), rows[:1].nbytes)
+        pager.touch()
         if not ok.all():
             return start + int(np.argmin(ok))
     return None

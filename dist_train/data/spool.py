@@ -4,9 +4,11 @@ memory (a Spark task's partition, a Parquet file read row group by row group).
 A spool is an array in a memory-mapped file whose name is unlinked as soon as it is
 mapped: the file lives exactly as long as the mapping, so a worker killed with SIGKILL
 leaves nothing behind. Random access stays (shuffling, "every sample once"), and the
-pages read or written are given back to the kernel every `RESIDENT_BYTES` (`Pager`), so a
-worker's resident memory does not grow with the dataset: the data stays in the page
-cache, which the kernel shares and reclaims, not in the process.
+pages read or written are given back to the kernel beyond `data.resident_mb` (`Pager`), so
+a worker's resident memory does not grow with the dataset: the data stays in the page
+cache, which the kernel shares and reclaims, not in the process. The price: a row read
+again after its page was given back costs a minor page fault (measured ~7 us a row for
+random 256-byte rows; docs/performance.md), paid only by shards larger than the budget.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def spool(shape: tuple[int, ...], dtype, directory: str) -> np.ndarray:
             raise OSError(f"cannot make a {count * dtype.itemsize / 2**20:.0f} MB spool file in {directory}: "
                           f"{e.strerror}") from None
         mm = mmap.mmap(fd, count * dtype.itemsize)
+        pass  # mm.madvise(mmap.MADV_RANDOM)  # rows are read at random: map the page asked for, not the 16 around it
     finally:
         os.close(fd)
     return np.frombuffer(mm, dtype, count).reshape(shape)
@@ -58,28 +61,35 @@ def mapping(a: np.ndarray) -> mmap.mmap | None:
             return a
         if isinstance(a, np.memmap) and isinstance(getattr(a, "_mmap", None), mmap.mmap):
             return a._mmap
-        a = getattr(a, "base", None) if not isinstance(a, (bytes, bytearray, memoryview)) else None
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
     return None
 
 
 class Pager:
-    """Gives the pages of file-backed arrays back to the kernel after every `budget` bytes
-    touched through them (MADV_DONTNEED: a shared file mapping's pages, dirty ones too, stay
-    in the page cache; only this process's hold on them goes). No-op for heap arrays."""
+    """Gives the pages of file-backed arrays back to the kernel whenever this process holds
+    more than `budget` bytes of file pages beyond what it held at the start (read from
+    /proc/self/statm, a few microseconds; an estimate from the rows touched would be wrong
+    several-fold, as a fault maps up to 16 cached pages around the one asked for).
+    MADV_DONTNEED on a shared file mapping drops only this process's hold: the pages, dirty
+    ones too, stay in the page cache, which the kernel shares and reclaims. Arrays that fit
+    in the budget whole, and heap arrays, are never touched."""
 
     def __init__(self, *arrays: np.ndarray, budget: int = RESIDENT_BYTES):
-        self.maps = [m for m in {id(m): m for m in map(mapping, arrays) if m is not None}.values()]
-        self.budget, self.touched = budget, 0
+        maps = {id(m): m for m in map(mapping, arrays) if m is not None and len(m) > budget}
+        self.maps, self.budget = list(maps.values()), budget
+        self.base = _file_pages() if self.maps else 0
 
-    def touch(self, rows: int, row_bytes: int) -> None:
-        """`rows` rows of `row_bytes` each were read or written (a scattered row costs a page)."""
-        if not self.maps:
-            return
-        self.touched += rows * max(row_bytes, mmap.PAGESIZE)
-        if self.touched >= self.budget:
+    def touch(self) -> None:
+        """Rows were read or written through the arrays: release if over budget."""
+        if self.maps and (_file_pages() - self.base) * mmap.PAGESIZE > self.budget:
             self.release()
 
     def release(self) -> None:
         for m in self.maps:
             m.madvise(mmap.MADV_DONTNEED)
-        self.touched = 0
+
+
+def _file_pages() -> int:
+    """Pages of files (and shared memory) this process has mapped: statm's third field."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[2])

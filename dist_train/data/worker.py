@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .spool import Pager
+from .spool import RESIDENT_BYTES, Pager
 
 HEAD_ROWS = 64  # rows hashed into the data's fingerprint
 
@@ -22,10 +22,12 @@ class WorkerData:
     outputs: int  # the model's output width, decided from the whole source
     offset: int = 0
     head: str | None = None  # a hash of the source's first rows, where this worker can see them
+    resident: int = RESIDENT_BYTES  # bytes of a file-backed x kept mapped (0: no limit)
     pager: Pager = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.pager = Pager(self.x, self.y)  # a spooled or memory-mapped shard: resident memory stays bounded
+        # a spooled or memory-mapped shard: resident memory stays bounded (0: the page cache decides)
+        self.pager = Pager(self.x, self.y, budget=self.resident) if self.resident else Pager()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -36,7 +38,7 @@ class WorkerData:
         local = rows - self.offset if self.offset else rows
         xb = torch.from_numpy(np.ascontiguousarray(self.x[local]))
         yb = torch.from_numpy(np.ascontiguousarray(self.y[local]))
-        self.pager.touch(len(local), self.x.itemsize * int(np.prod(self.sample_shape)))
+        self.pager.touch()
         if device.type == "cuda":
             xb, yb = xb.pin_memory(), yb.pin_memory()
         return xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -53,9 +55,9 @@ class WorkerData:
                 "outputs": self.outputs, "first_rows": self.head}
 
     @classmethod
-    def whole(cls, ds, outputs: int) -> "WorkerData":
+    def whole(cls, ds, outputs: int, resident: int = RESIDENT_BYTES) -> "WorkerData":
         """Every row of `ds` (local mode and MPI ranks hold the whole source)."""
-        return cls(ds.x, ds.y, len(ds), outputs, head=head_hash(ds.x, ds.y))
+        return cls(ds.x, ds.y, len(ds), outputs, head=head_hash(ds.x, ds.y), resident=resident)
 
 
 def head_hash(x: np.ndarray, y: np.ndarray) -> str:

@@ -60,7 +60,7 @@ class Job:
         or the arrays' rows."""
         if isinstance(self.dataset, data.Items):
             return self.dataset
-        return data.WorkerData.whole(self.dataset, self.outputs)
+        return data.WorkerData.whole(self.dataset, self.outputs, resident=self.cfg.data.resident_mb << 20)
 
     @property
     def data_workers(self) -> int:

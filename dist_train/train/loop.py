@@ -77,7 +77,7 @@ class Run:
 
 def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = "local", local_rank: int = 0,
         threads: int | None = None, write_outputs: bool = True, fence=None, quiet: bool = False,
-        model=None, loss=None) -> Result:
+        model=None, loss=None, on_record=None) -> Result:
     """Train `cfg` on this worker's `data` (a data.WorkerData, or data.Items) with peers
     reachable through `comm`.
 
@@ -85,9 +85,10 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
     losses) stand in for what the config names; `write_outputs=False` leaves model.pt and
     summary.json to the caller (the Spark driver); `fence`, if given, is asked before each
     write whether this run still owns --out; `quiet` prints nothing (the Spark driver
-    shows progress from metrics.jsonl instead)."""
+    shows progress from metrics.jsonl instead); `on_record`, if given, gets rank 0's
+    metrics records as they are logged (the Spark driver's progress without --out)."""
     run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, local_rank=local_rank,
-                threads=threads, fence=fence, quiet=quiet, given=(model, loss))
+                threads=threads, fence=fence, quiet=quiet, given=(model, loss), on_record=on_record)
     failures.PROGRESS.training = True  # from here a worker that leaves fails the job
     try:
         while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
@@ -98,7 +99,8 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
         raise
 
 
-def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet, given) -> Run:
+def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet, given,
+          on_record=None) -> Run:
     started = time.perf_counter()
     failures.PROGRESS.step, failures.PROGRESS.finished = 0, False
     config.check_world(cfg, comm.world_size)
@@ -109,7 +111,7 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fe
     measures = metrics.resolve(cfg.train.metrics, loss)
     optimizer = make_optimizer(cfg, model)
     writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout,
-                       tensorboard=cfg.log.tensorboard)
+                       tensorboard=cfg.log.tensorboard, on_record=on_record)
     ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log) if resume and out_dir else None
     pos = restore(ckpt, model, optimizer, cfg, comm.world_size) if ckpt is not None else Position()
     agree_at_start(comm, cfg, data.fingerprint(), pos.step)  # dist: one config, data and start, before any buffer

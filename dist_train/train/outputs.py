@@ -46,10 +46,11 @@ PROGRESS_ENV = "DIST_TRAIN_PROGRESS"  # bar | lines: overrides the terminal test
 
 class RunWriter:
     def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout, fence=None,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, on_record=None):
         self.active = active and out_dir is not None
         self.rank0 = active  # tracks the run (MLflow) even without --out
         self.tracker = None
+        self.on_record = on_record if active else None
         self.fence = fence
         self.out = Path(out_dir) if out_dir is not None else None
         self.stream = stream if active else None  # None: print nothing
@@ -140,6 +141,8 @@ class RunWriter:
             self.tracker = None
 
     def metric(self, record: dict) -> None:
+        if self.on_record is not None:
+            self.on_record(record)
         if self.tracker is not None:
             self.tracker.metrics(record)
         if self.active and self._owns_out():

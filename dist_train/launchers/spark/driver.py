@@ -22,11 +22,9 @@ launcher's modules are the only ones that import pyspark.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from ...train import Result, tracking, validate
 from ...train.checkpoint import load_bytes
 from ...train.outputs import prepare_out_dir, write_final
 from ..common import job_parser, out_dir
-from . import feed
+from . import feed, progress
 from .session import session
 from .task import RESULT_SCHEMA, TrainTask
 
@@ -195,7 +193,11 @@ def check_executors(spark) -> None:
 # ---------------------------------------------------------------- the job
 
 
-def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, log=print, model=None, data=None,
+def say(line: str) -> None:
+    print(line, flush=True)  # progress, even when stdout is a pipe (spark-submit under a scheduler, a log file)
+
+
+def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, log=say, model=None, data=None,
           loss=None) -> Result:
     """Train on Spark; returns rank 0's Result (`.model`, `.summary`). `cfg` is a config
     path or a loaded config; `df`, if given, is the data (label column `data.label_column`);
@@ -234,8 +236,12 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
     for attempt in range(1, cfg.spark.max_attempts + 1):
         if out is not None:
             atomic_write(out / ".attempt", str(attempt).encode())  # fences off older attempts
-        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given)
-        follower = _Progress(out / "metrics.jsonl", log) if out is not None else None
+        if out is not None:  # rank 0 writes metrics.jsonl where the driver can read it
+            follower, addresses = progress.FileFollower(out / "metrics.jsonl", log), None
+        else:  # rank 0 sends its records to the driver
+            follower = progress.Listener(log, conf(spark, "spark.driver.host", ""))
+            addresses = follower.addresses
+        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given, addresses)
         log(f"[dist-train] spark: starting {world} barrier tasks (attempt {attempt})")
         try:
             chunks = shards.mapInArrow(task, RESULT_SCHEMA, barrier=True).collect()
@@ -265,47 +271,6 @@ def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given
     return result
 
 
-class _Progress(threading.Thread):
-    """Driver side: show the workers' progress by following rank 0's metrics.jsonl on the
-    shared --out (Spark's own stage bar says only how many tasks are running)."""
-
-    def __init__(self, path: Path, log):
-        super().__init__(daemon=True, name="dist-train-progress")
-        self.path, self.log, self.offset = path, log, path.stat().st_size if path.exists() else 0
-        self.halt = threading.Event()
-        self.start()
-
-    def run(self):
-        while not self.halt.wait(0.5):
-            self.poll()
-
-    def poll(self):
-        if not self.path.exists():
-            return
-        if self.path.stat().st_size < self.offset:  # rewritten (a resumed attempt trims it)
-            self.offset = 0
-        with open(self.path) as f:
-            f.seek(self.offset)
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # being written; next time
-                self.offset += len(line)
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("kind") == "step":
-                    self.log(f"[dist-train] spark: step {rec['step']:>6}  epoch {rec['epoch']:>3}  "
-                             f"loss {rec['loss']:.5f}  {rec.get('samples_per_sec', 0):,.0f} samples/s")
-                elif rec.get("kind") == "epoch" and rec.get("loss") is not None:
-                    self.log(f"[dist-train] spark: epoch {rec['epoch']} done, loss {rec['loss']:.5f}")
-
-    def stop(self):
-        self.halt.set()
-        self.join(timeout=2)
-        self.poll()
-
-
 def task_error(e: BaseException) -> str:
     """The `[rank R] Kind: cause` line our task raised, out of Spark's long error text."""
     text = str(e)
@@ -333,7 +298,7 @@ def _submit(argv) -> None:
     out = out_dir(args)
     spark = session()
     try:
-        train(spark, cfg, out_dir=out, resume=args.resume, log=print)
+        train(spark, cfg, out_dir=out, resume=args.resume)
     except TrainingFailed as e:
         failures.say(f"error: {e}")
         raise SystemExit(e.exit_code) from None

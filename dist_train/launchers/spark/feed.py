@@ -255,7 +255,8 @@ def shard(spark, source: Source, world: int):
     return df.repartition(world, KEY)
 
 
-def spool_shard(rank: int, world: int, batches, source: Source, cache_dir: str | None = None) -> data.WorkerData:
+def spool_shard(rank: int, world: int, batches, source: Source, cache_dir: str | None = None,
+                resident: int = spool.RESIDENT_BYTES) -> data.WorkerData:
     """Executor side: this task's shard, rows [lo, hi), written batch by batch into a spool
     on the executor's local disk (row i at position i - lo: no sort, no copy in the heap)."""
     import pyarrow as pa
@@ -280,12 +281,14 @@ def spool_shard(rank: int, world: int, batches, source: Source, cache_dir: str |
             raise DataError(f"row {rows[bad]} holds NaN or Inf")
         x[rows - lo], y[rows - lo] = bx.reshape(len(bx), width), by
         np.add.at(seen, rows - lo, 1)
-        pager.touch(len(rows), width * 4)
+        pager.touch()
     if not (seen == 1).all():
         raise DataError(f"partition {rank} holds rows that are not [{lo}, {hi}) each once: is the DataFrame "
                         f"deterministic? (cache or checkpoint it first)")
     pager.release()
-    return data.WorkerData(x.reshape(hi - lo, *source.sample_shape), y, source.n, source.outputs, offset=lo)
+    pa.default_memory_pool().release_unused()  # the batches' buffers: back to the system, not kept by the pool
+    return data.WorkerData(x.reshape(hi - lo, *source.sample_shape), y, source.n, source.outputs, offset=lo,
+                           resident=resident)
 
 
 def _row_batches(batches):

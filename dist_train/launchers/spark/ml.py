@@ -145,7 +145,7 @@ class DistTrainEstimator(_Params, Estimator, DefaultParamsWritable, DefaultParam
             raise ConfigError("labelCol", "cannot be 'features' (the name dist-train gives the feature column)")
         rows = df.select(self._features(df).alias("features"), df[label])
         out = self.getOrDefault("outDir") if self.isDefined("outDir") else None
-        result = driver.train(df.sparkSession, cfg, df=rows, out_dir=out, log=print)
+        result = driver.train(df.sparkSession, cfg, df=rows, out_dir=out)
         model = DistTrainModel(payload=result.model_payload(cfg))
         return self._copyValues(model)
 
@@ -291,3 +291,46 @@ class _ModelReader(MLReader):
         DefaultParamsReader.getAndSetParams(model, metadata)
         model._resetUid(metadata["uid"])
         return model
+
+
+# ---------------------------------------------------------------- dist-train predict --spark
+
+
+def predict_parquet(spark, run_dir, inputs: str, out: str, trust_code: bool = False) -> int:
+    """Predictions of a run's model for a Parquet path of any size, computed on the executors
+    and written by them to the Parquet directory `out`: the input's global row index `row`
+    (its row order, file by file, as `dist-train predict` numbers rows), every input column
+    but the features, `prediction`, and for classifiers `probability` (an array)."""
+    from pathlib import Path
+
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    from ... import data
+    from ...errors import UserError
+    from ...train.outputs import load_model_file
+    from . import feed
+
+    payload = load_model_file(run_dir)
+    cfg = config.build(dict(config.flat_items(payload["config"])), check_files=False)
+    usercode.refuse_untrusted(cfg, f"{run_dir}/model.pt", trust_code)
+    if Path(out).exists():
+        raise UserError(f"--out {out} exists: predictions go to a new directory")
+    files = data.parquet_files(inputs)
+    data.check_parquet_schemas(files)
+    df = spark.read.parquet(*[str(Path(f).resolve()) for f in files])
+    label = cfg.data.label_column
+    features = data.feature_columns(df.columns, label, str(inputs))
+    model = DistTrainModel(payload=payload, featuresCol=features[0] if len(features) == 1 else features)
+    shape = model.meta["sample_shape"]
+    width = 1
+    for d in shape:
+        width *= d
+    if len(features) > 1 and len(features) != width:
+        raise UserError(f"{inputs}: {len(features)} feature columns do not fit the model's samples of shape {shape}")
+    rows = feed._with_row_index(df, files).withColumnRenamed(feed.ROW, "row")
+    predicted = model.transform(rows).drop(*features)
+    if model._is_classifier():
+        predicted = predicted.withColumn("probability", vector_to_array(F.col("probability")))
+    predicted.write.parquet(str(out))
+    return spark.read.parquet(str(out)).count()

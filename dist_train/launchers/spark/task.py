@@ -20,7 +20,7 @@ from ...comm import connect
 from ...comm.env import Environment
 from ...errors import PeerFailure, first_line
 from ...train import fit
-from . import feed
+from . import feed, progress
 
 PEER_LOSS_GRACE_S = 3.0  # a task that failed because a peer did waits, so the peer's own report reaches the driver first
 WATCHDOG_GRACE_S = 10.0  # after the watchdog named a stalled peer, the task's own collective fails; else it leaves
@@ -34,10 +34,11 @@ class TrainTask:
     """mapInArrow's function of the barrier stage: yields rank 0's model and summary, in chunks."""
 
     def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int,
-                 given: dict | None = None):
+                 given: dict | None = None, progress_to=None):
         self.cfg, self.world, self.out, self.resume, self.attempt = cfg, world, out, resume, attempt
         self.source = replace(source, df=None, dataset=None)  # what a task needs to know of it, not the rows
         self.given = given or {}  # the notebook's model, data and loss objects (pickled with the task)
+        self.progress_to = progress_to  # the driver's progress port (no --out), as (host, port) candidates
 
     def __call__(self, batches):
         import pyarrow as pa
@@ -69,22 +70,27 @@ class TrainTask:
                        fail=failures.deferred_exit(WATCHDOG_GRACE_S))
         threads = device.set_threads(device.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads,
                                                           data_workers=getattr(shard, "workers", 0)))
+        sender = progress.Sender(self.progress_to) if rank == 0 and self.progress_to else None
         try:
             with failures.leaving(comm):
                 return fit(self.cfg, comm, shard, out_dir=self.out, resume=self.resume, launcher="spark",
                            threads=threads, write_outputs=False, fence=self._fence(),
-                           quiet=self.out is not None,  # the driver follows metrics.jsonl instead
-                           model=self.given.get("model"), loss=self.given.get("loss"))
+                           quiet=True,  # the driver shows the progress (metrics.jsonl, or what rank 0 sends)
+                           model=self.given.get("model"), loss=self.given.get("loss"), on_record=sender)
         except BaseException as e:
             if failures.kind_of(e).abort:  # "aborting" is failing this task: Spark ends the stage's others
                 failures.abort_world(lambda code: None, 1)
                 comm.close()  # the worker process is reused: leave no process group behind
             raise
+        finally:
+            if sender is not None:
+                sender.close()
 
     def _shard(self, rank: int, batches):
         """This task's data: its shard's rows spooled to local disk, or the user's dataset made here."""
         if not self.source.items:
-            return feed.spool_shard(rank, self.world, batches, self.source, self.cfg.data.cache_dir)
+            return feed.spool_shard(rank, self.world, batches, self.source, self.cfg.data.cache_dir,
+                                    self.cfg.data.resident_mb << 20)
         for _ in batches:  # the input is one key row: read it, as the stage expects
             pass
         items = data.load(self.cfg, self.given.get("data"))

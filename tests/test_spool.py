@@ -1,0 +1,102 @@
+"""Bounded memory: spools (arrays in unlinked, memory-mapped files on local disk) leave
+nothing behind and give their pages back; Parquet read batch by batch into a spool trains
+exactly what the same rows held in memory train; what cannot be features or labels is
+one line naming the column."""
+
+import os
+
+import numpy as np
+import pytest
+
+import dist_train
+from dist_train import data
+from dist_train.data import spool
+from dist_train.errors import DataError
+
+
+def resident_kb() -> int:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0])
+
+
+def test_a_spool_leaves_no_file_and_gives_its_pages_back(tmp_path):
+    x = spool.spool(((128 << 20) // 256, 64), np.float32, str(tmp_path))
+    assert os.listdir(tmp_path) == [] and x.flags.writeable and not x[:5].any()
+    before = resident_kb()
+    x[:] = 1.5  # 128 MB written through the mapping
+    written = resident_kb()
+    assert written - before > 100_000
+    spool.Pager(x).release()
+    assert resident_kb() < written - 100_000  # the pages left this process ...
+    assert float(x[::4096].sum()) == 1.5 * len(x[::4096]) * 64  # ... and the data stayed (page cache)
+
+
+def test_a_pager_releases_beyond_its_budget_and_ignores_what_fits(tmp_path):
+    x = spool.spool(((32 << 20) // 256, 64), np.float32, str(tmp_path))
+    pager = spool.Pager(x, budget=8 << 20)
+    x[: len(x) // 8] = 1.0  # 4 MB: within the budget
+    pager.touch()
+    held = resident_kb()
+    x[:] = 2.0  # 32 MB
+    assert resident_kb() - held > 20_000
+    pager.touch()
+    assert resident_kb() - held < 8_000
+    assert spool.Pager(x, budget=64 << 20).maps == []  # fits whole: never released
+    assert spool.Pager(np.zeros((4, 4)), budget=1).maps == []  # the heap is not ours to page
+
+
+def parquet_and_npz(tmp_path, rows=1000):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((rows, 6)).astype(np.float32)
+    y = (x.sum(1) > 0).astype(np.int64)
+    for part, lo in enumerate(range(0, rows, 300)):  # several files, and several batches per file
+        pq.write_table(pa.table({"features": list(x[lo:lo + 300]), "label": y[lo:lo + 300]}),
+                       tmp_path / f"part-{part}.parquet", row_group_size=64)
+    np.savez_compressed(tmp_path / "rows.npz", x=x, y=y)  # compressed: read into the heap
+    return x, y
+
+
+def test_parquet_spooled_trains_exactly_what_the_rows_in_memory_train(tmp_path, monkeypatch):
+    x, y = parquet_and_npz(tmp_path)
+    monkeypatch.setattr(data.sources, "PARQUET_BATCH_ROWS", 50)
+    ds = data.load_parquet(tmp_path, "label", cache_dir=str(tmp_path / "cache"))
+    assert spool.mapping(ds.x) is not None and os.listdir(tmp_path / "cache") == []
+    assert np.array_equal(ds.x, x) and np.array_equal(ds.y, y)
+    base = {"model": {"name": "mlp", "hidden": [8]}, "train": {"epochs": 3, "batch_size": 32, "log_every": 0},
+            "threads": 1}
+    spooled = dist_train.fit({**base, "data": {"name": "parquet", "path": str(tmp_path)}})
+    memory = dist_train.fit({**base, "data": {"name": "npz", "path": str(tmp_path / "rows.npz")}})
+    for k, v in spooled.state_dict.items():
+        assert np.array_equal(v.numpy(), memory.state_dict[k].numpy()), k
+
+
+@pytest.mark.parametrize("columns, problem", [
+    ({"features": [[1.0, 2.0], [3.0]], "label": [0, 1]}, "lists of different lengths (1 to 2)"),
+    ({"features": [[1.0, 2.0], None], "label": [0, 1]}, "has 1 null rows"),
+    ({"features": [[1.0, None], [3.0, 4.0]], "label": [0, 1]}, "1 null values inside its lists"),
+    ({"features": [[[1.0]], [[2.0]]], "label": [0, 1]}, "holds lists of list<"),
+    ({"a": [1.0, 2.0], "label": ["cat", "dog"]}, "label column 'label' holds strings"),
+    ({"a": [1.0, 2.0], "label": [0, None]}, "label column 'label' has 1 null rows"),
+    ({"a": [1.0, None], "label": [0, 1]}, "feature column 'a' has 1 null rows"),
+    ({"a": ["x", "y"], "label": [0, 1]}, "feature column 'a' is not numeric (string)"),
+])
+def test_what_cannot_be_features_or_labels_is_one_line(tmp_path, columns, problem):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), tmp_path / "bad.parquet")
+    with pytest.raises(DataError) as e:
+        data.load_parquet(tmp_path / "bad.parquet", "label")
+    assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_boolean_labels_are_class_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "label": [True, False, True]}), tmp_path / "b.parquet")
+    assert data.load_parquet(tmp_path / "b.parquet", "label").y.tolist() == [1, 0, 1]
