@@ -48,6 +48,7 @@ def spool(shape: tuple[int, ...], dtype, directory: str) -> np.ndarray:
             raise OSError(f"cannot make a {count * dtype.itemsize / 2**20:.0f} MB spool file in {directory}: "
                           f"{e.strerror}") from None
         mm = mmap.mmap(fd, count * dtype.itemsize)
+        mm.madvise(mmap.MADV_RANDOM)  # no readahead: small page-cache folios, so a fault maps only its neighbours
         pass  # mm.madvise(mmap.MADV_RANDOM)  # rows are read at random: map the page asked for, not the 16 around it
     finally:
         os.close(fd)
