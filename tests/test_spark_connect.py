@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from .helpers import ROOT, assert_same_weights, mpirun, ok
-from .test_spark_ml import PIXELS, SETS, digits_parquet
+from .test_spark_ml import SETS, fit_digits_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +35,9 @@ def test_train_over_connect_gives_the_weights_of_mpirun(connect, tmp_path):
 
 
 def test_a_pipeline_fits_transforms_saves_and_loads_over_connect(connect, tmp_path):
-    from pyspark.ml import Pipeline, PipelineModel
-    from pyspark.ml.feature import VectorAssembler
+    from pyspark.ml import PipelineModel
 
-    from dist_train.spark import DistTrainEstimator
-
-    order = np.random.default_rng(0).permutation(1797)
-    train_file = digits_parquet(tmp_path / "train.parquet", order[:1500])
-    test_df = connect.read.parquet(str(digits_parquet(tmp_path / "test.parquet", order[1500:])))
-    estimator = DistTrainEstimator(config=str(ROOT / "conf/digits.yaml"), sets=SETS, workers=2,
-                                   outDir=str(tmp_path / "connect"))
-    model = Pipeline(stages=[VectorAssembler(inputCols=PIXELS, outputCol="features"), estimator]).fit(
-        connect.read.parquet(str(train_file)))
+    model, test_df, train_file = fit_digits_pipeline(connect, tmp_path, tmp_path / "connect")
     got = model.transform(test_df).select("label", "prediction").collect()
     assert len(got) == 297 and np.mean([r["label"] == r["prediction"] for r in got]) >= 0.95
     model.write().save(str(tmp_path / "saved"))

@@ -46,19 +46,28 @@ def digits_parquet(path, rows):
     return path
 
 
-def test_a_pipeline_learns_the_digits_saves_loads_and_matches_mpirun(spark, tmp_path):
-    from pyspark.ml import Pipeline, PipelineModel
+def fit_digits_pipeline(spark, tmp_path, out):
+    """VectorAssembler over the 64 pixel columns, then DistTrainEstimator, fit on 1,500 rows
+    of a Parquet file; returns (PipelineModel, the 297 held-out rows, the training file)."""
+    from pyspark.ml import Pipeline
     from pyspark.ml.feature import VectorAssembler
 
-    from dist_train.spark import DistTrainEstimator, DistTrainModel
+    from dist_train.spark import DistTrainEstimator
 
     order = np.random.default_rng(0).permutation(1797)
     train_file = digits_parquet(tmp_path / "train.parquet", order[:1500])
     test_df = spark.read.parquet(str(digits_parquet(tmp_path / "test.parquet", order[1500:])))
-    estimator = DistTrainEstimator(config=str(ROOT / "conf/digits.yaml"), sets=SETS, workers=2,
-                                   outDir=str(tmp_path / "spark"))
+    estimator = DistTrainEstimator(config=str(ROOT / "conf/digits.yaml"), sets=SETS, workers=2, outDir=str(out))
     pipeline = Pipeline(stages=[VectorAssembler(inputCols=PIXELS, outputCol="features"), estimator])
-    model = pipeline.fit(spark.read.parquet(str(train_file)))
+    return pipeline.fit(spark.read.parquet(str(train_file))), test_df, train_file
+
+
+def test_a_pipeline_learns_the_digits_saves_loads_and_matches_mpirun(spark, tmp_path):
+    from pyspark.ml import PipelineModel
+
+    from dist_train.spark import DistTrainModel
+
+    model, test_df, train_file = fit_digits_pipeline(spark, tmp_path, tmp_path / "spark")
     assert isinstance(model.stages[1], DistTrainModel)
 
     got = model.transform(test_df).select("label", "prediction", "probability").collect()
