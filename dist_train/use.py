@@ -40,7 +40,7 @@ def load_run(run_dir: str | Path, trust_code: bool = False):
     usercode.refuse_untrusted(cfg, f"{run_dir}/model.pt", trust_code)
     if str(Path.cwd()) not in sys.path:
         sys.path.append(str(Path.cwd()))  # the user's modules, from where the run was started
-    return model_from_payload(payload, str(run_dir))
+    return model_from_payload(payload, str(run_dir), cfg)
 
 
 def evaluate_run(run_dir: str | Path, data_path: str | None = None, trust_code: bool = False) -> dict:

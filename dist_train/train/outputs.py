@@ -187,10 +187,11 @@ def load_model_file(path: str | Path) -> dict:
         raise UserError(f"{path} is not a dist-train model: {type(e).__name__}: {e}") from None
 
 
-def model_from_payload(payload: dict, where: str):
+def model_from_payload(payload: dict, where: str, cfg=None):
     """(config, model in eval mode, meta) from a model.pt payload: the model its config
-    builds (importing the user's modules it names), with the saved weights."""
-    cfg = config.build(dict(config.flat_items(payload["config"])), check_files=False)
+    (`cfg`, if already built from it) builds, importing the user's modules it names, with
+    the saved weights."""
+    cfg = cfg if cfg is not None else config.build(dict(config.flat_items(payload["config"])), check_files=False)
     meta = payload["meta"]
     if meta.get("model") == "object":
         raise UserError(f"{where}: its model was given to dist_train.fit as an object; load model.pt's "

@@ -73,7 +73,7 @@ def dataframe_source(cfg, df, name: str = "dataframe", files: list[Path] | None 
     array = len(features) == 1 and kinds[features[0]].startswith("array")
     _check_feature_types(kinds, features, array, name)
     if ROW not in df.columns:
-        df = _with_row_index(df, files)
+        df = with_row_index(df, files)
     y = F.col(label)
     if array:
         col = F.col(features[0])
@@ -140,7 +140,7 @@ def _check_feature_types(kinds: dict, features: list[str], array: bool, name: st
                         f"one array or Vector column, or numeric columns")
 
 
-def _with_row_index(df, files: list[Path] | None = None):
+def with_row_index(df, files: list[Path] | None = None):
     """Add __row: for a Parquet read of `files`, file by file in that order, then row in file;
     else partition order."""
     from pyspark.sql import functions as F

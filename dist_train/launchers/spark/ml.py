@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Iterator
 
 from pyspark.ml import Estimator, Model
@@ -323,12 +324,9 @@ def predict_parquet(spark, run_dir, inputs: str, out: str, trust_code: bool = Fa
     features = data.feature_columns(df.columns, label, str(inputs))
     model = DistTrainModel(payload=payload, featuresCol=features[0] if len(features) == 1 else features)
     shape = model.meta["sample_shape"]
-    width = 1
-    for d in shape:
-        width *= d
-    if len(features) > 1 and len(features) != width:
+    if len(features) > 1 and len(features) != math.prod(shape):
         raise UserError(f"{inputs}: {len(features)} feature columns do not fit the model's samples of shape {shape}")
-    rows = feed._with_row_index(df, files).withColumnRenamed(feed.ROW, "row")
+    rows = feed.with_row_index(df, files).withColumnRenamed(feed.ROW, "row")
     predicted = model.transform(rows).drop(*features)
     if model._is_classifier():
         predicted = predicted.withColumn("probability", vector_to_array(F.col("probability")))
