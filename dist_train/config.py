@@ -122,7 +122,8 @@ def optimizer_names() -> dict[str, str]:
 
 KEYS: tuple[Key, ...] = (
     Key("seed", int, 0, "seeds model init, data order and synthetic data; same seed, same weights", check=_non_negative),
-    Key("device", str, "auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N", check=_device),
+    Key("device", str, "auto", "auto (a GPU per worker if there are enough, else cpu), cpu, cuda (one GPU per "
+        "worker of a host, by local rank) or cuda:N (that GPU; one worker a host)", check=_device),
     Key("threads", int, None, "torch threads per worker; null = the cores given / workers on this host",
         optional=True, check=_positive),
     # model
@@ -182,8 +183,13 @@ KEYS: tuple[Key, ...] = (
     Key("train.base_batch", int, 64, "the batch that train.lr was tuned for (with lr_scaling)", check=_positive),
     Key("train.accumulate", int, 1, "micro-batches of train.batch_size summed per optimizer step; "
         "workers communicate once per step, after the last", check=_positive),
-    Key("train.precision", str, "fp32", "forward/backward in bf16 autocast; gradients and the fused buffers "
-        "stay float32", ("fp32", "bf16")),
+    Key("train.precision", str, "fp32", "forward/backward in bf16 or fp16 autocast; gradients and the fused "
+        "buffers stay float32 (fp16: a loss scaler whose overflow decision is the same on every worker)",
+        ("fp32", "bf16", "fp16")),
+    Key("train.loss_scale", float, 65536.0, "fp16: the initial loss scale (halved on an overflow, doubled after "
+        "train.loss_scale_growth_every good steps)", check=_positive),
+    Key("train.loss_scale_growth_every", int, 2000, "fp16: good steps before the loss scale doubles",
+        check=_positive),
     Key("train.shuffle", bool, True, "reshuffle the order every epoch (seeded by seed, epoch, rank)"),
     Key("train.log_every", int, 10, "write a metrics line every N steps (0: once per epoch)", check=_non_negative),
     Key("log.tensorboard", bool, False, "also write the metrics as TensorBoard scalars to OUT/tensorboard",
@@ -207,7 +213,11 @@ KEYS: tuple[Key, ...] = (
     Key("comm.check_every_steps", int, 100, "compare a checksum of the parameters across workers every N steps "
         "and stop if they drifted apart (0: never)", check=_non_negative),
     Key("comm.shm", bool, True, "workers on one host sum gradients in shared memory; MPI or gloo only "
-        "between hosts (x86-64 Linux; false or elsewhere: MPI Allreduce / gloo throughout)"),
+        "between hosts (x86-64 Linux; false or elsewhere: MPI Allreduce / gloo throughout); CPU workers only"),
+    Key("comm.share_gpus", bool, False, "device cuda/auto with more workers on a host than GPUs: share them "
+        "round robin (gradients then go through host memory) instead of refusing"),
+    Key("comm.nccl", bool, True, "workers each on a GPU of their own sum gradients with NCCL on the device "
+        "(false: through host memory, as CPU workers do)"),
     # spark
     Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
     Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",

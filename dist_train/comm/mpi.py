@@ -1,8 +1,9 @@
 """MPI through mpi4py: the one module that imports it.
 
-Uppercase (buffer) calls: a contiguous CPU tensor goes to MPI without a copy; a GPU
-tensor is staged through the host (MPI reduces host memory here). MPI has no timeout of
-its own: the watchdog (watchdog.py) ends a job whose rank stalls or leaves.
+Uppercase (buffer) calls: a contiguous CPU tensor goes to MPI without a copy. GPU
+tensors never reach it: gpu.ByDevice sends them to NCCL, or stages them through a pinned
+host buffer. MPI has no timeout of its own: the watchdog (watchdog.py) ends a job whose
+rank stalls or leaves.
 """
 
 from __future__ import annotations
@@ -24,20 +25,10 @@ class MPIComm(Communicator):
         self.world_size = comm.Get_size()
 
     def allreduce(self, buf):
-        if buf.device.type == "cpu":
-            self._comm.Allreduce(MPI.IN_PLACE, buf)
-        else:
-            host = buf.cpu()
-            self._comm.Allreduce(MPI.IN_PLACE, host)
-            buf.copy_(host)
+        self._comm.Allreduce(MPI.IN_PLACE, buf)
 
     def broadcast(self, buf, root=0):
-        if buf.device.type == "cpu":
-            self._comm.Bcast(buf, root=root)
-        else:
-            host = buf.cpu()
-            self._comm.Bcast(host, root=root)
-            buf.copy_(host)
+        self._comm.Bcast(buf, root=root)
 
     def close(self):
         if self._comm not in (MPI.COMM_WORLD, MPI.COMM_NULL):

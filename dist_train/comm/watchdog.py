@@ -90,7 +90,7 @@ class Watchdog(threading.Thread):
         self._send_lock, self._halt, self._failed = threading.Lock(), threading.Event(), False
         listener = socket.create_server(("", 0), backlog=16)
         try:
-            table = _exchange(comm, address or _own_address(), listener.getsockname()[1])
+            table = _exchange(comm, address or own_address(), listener.getsockname()[1])
             token = hashlib.sha256(table[0].numpy().tobytes()).digest()[:8]
             deadline = time.monotonic() + min(timeout_s, SETUP_S)
             self._down = _connect(table[self.peer], deadline)  # the successor, watched through this one
@@ -211,7 +211,7 @@ class Watchdog(threading.Thread):
             s.close()
 
 
-def _own_address() -> str:
+def own_address() -> str:
     """An address of this host that the others can reach: its name's, unless that is a
     loopback address (then the one of the interface with the default route)."""
     try:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from . import transfer
+from .transfer import tensors, to_device
 
 _MASK = (1 << 64) - 1
 FINGERPRINT_ITEMS = 4  # items hashed into the data's fingerprint
@@ -141,9 +143,12 @@ class Items:
     def feed(self, epoch: int, batches, device: torch.device, training: bool = True):
         """(samples, inputs, targets) of each of `batches` in turn, fetched ahead by
         `data.workers` processes (or here, as asked, with none)."""
+        yield from transfer.ahead(self._host_batches(epoch, batches, device, training), device)
+
+    def _host_batches(self, epoch: int, batches, device: torch.device, training: bool):
         if self.workers == 0:
             for rows in batches:
-                yield (len(rows), *self.batch(rows, device, epoch, training))
+                yield (len(rows), *self.fetch(rows, epoch, training))
             return
         keys = [(epoch, training, rows) for rows in batches]
         if not keys:
@@ -152,13 +157,13 @@ class Items:
             _Batches(self), batch_size=None, sampler=keys, num_workers=min(self.workers, len(keys)),
             collate_fn=_as_is, pin_memory=device.type == "cuda", worker_init_fn=_die_with_parent)
         for (_, _, rows), (xb, yb) in zip(keys, loader):
-            yield len(rows), to_device(xb, device), to_device(yb, device)
+            yield len(rows), xb, yb
 
     def fingerprint(self) -> dict:
         """What every worker must agree on: the size, the sample description and the first items."""
         h = hashlib.sha256()
         xb, yb = self.fetch(np.arange(min(FINGERPRINT_ITEMS, self.n)), -1, False)
-        for t in _tensors(xb) + _tensors(yb):
+        for t in tensors(xb) + tensors(yb):
             h.update(str((t.dtype, tuple(t.shape))).encode())
             h.update(t.contiguous().numpy().tobytes())
         return {"rows": self.n, "sample_shape": jsonable(self.sample_shape), "outputs": self.outputs,
@@ -208,29 +213,6 @@ def _float32(t):
     if isinstance(t, (tuple, list)):
         return type(t)(_float32(v) for v in t)
     return t
-
-
-def to_device(t, device: torch.device):
-    """A tensor, or a tuple/list/dict of them, on `device`."""
-    if isinstance(t, torch.Tensor):
-        if device.type == "cpu":
-            return t
-        return (t.pin_memory() if not t.is_pinned() else t).to(device, non_blocking=True)
-    if isinstance(t, dict):
-        return {k: to_device(v, device) for k, v in t.items()}
-    if isinstance(t, (tuple, list)):
-        return type(t)(to_device(v, device) for v in t)
-    return t
-
-
-def _tensors(t) -> list[torch.Tensor]:
-    if isinstance(t, torch.Tensor):
-        return [t]
-    if isinstance(t, dict):
-        return [x for k in sorted(t) for x in _tensors(t[k])]
-    if isinstance(t, (tuple, list)):
-        return [x for v in t for x in _tensors(v)]
-    return []
 
 
 def shape_of(xb, batched: bool = True):

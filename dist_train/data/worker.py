@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import transfer
 from .spool import RESIDENT_BYTES, Pager
 
 HEAD_ROWS = 64  # rows hashed into the data's fingerprint
@@ -34,19 +35,16 @@ class WorkerData:
         return tuple(self.x.shape[1:])
 
     def batch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global row indices -> tensors on the device."""
+        """Global row indices -> host tensors, pinned where they go to a GPU."""
         local = rows - self.offset if self.offset else rows
-        xb = torch.from_numpy(np.ascontiguousarray(self.x[local]))
-        yb = torch.from_numpy(np.ascontiguousarray(self.y[local]))
+        xb, yb = transfer.gather(self.x, local, device), transfer.gather(self.y, local, device)
         self.pager.touch()
-        if device.type == "cuda":
-            xb, yb = xb.pin_memory(), yb.pin_memory()
-        return xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        return xb, yb
 
     def feed(self, epoch: int, batches, device: torch.device, training: bool = True):
-        """(samples, inputs, targets) of each of `batches` in turn (arrays: gathered when asked)."""
-        for rows in batches:
-            yield (len(rows), *self.batch(rows, device))
+        """(samples, inputs, targets) of each of `batches` in turn on `device`: gathered when
+        asked on the CPU, one batch ahead on a side stream on a GPU (transfer.ahead)."""
+        return transfer.ahead(((len(rows), *self.batch(rows, device)) for rows in batches), device)
 
     def fingerprint(self) -> dict:
         """What every worker must agree on before training: the source's size and sample

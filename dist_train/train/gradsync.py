@@ -92,6 +92,7 @@ class FusedGrads:
         self.tail = self.flat[self.n:]
         self.exact_counts = 2 ** round(1 - math.log2(torch.finfo(dtype).eps))  # counts the tail holds exactly
         self._tail_np = self.tail.numpy() if self.tail.device.type == "cpu" else None
+        self._tail_host_t = None  # a device buffer's tail, staged in pinned host memory (_host_tail)
         self.nbytes = (total + tail) * self.flat.element_size()
 
     def zero(self) -> None:
@@ -118,15 +119,15 @@ class FusedGrads:
                     p.grad.zero_()
         loss_sum = float(loss_sum)
         values = (loss_sum if math.isfinite(loss_sum) else 0.0, samples, *times, *metrics)
-        if self._tail_np is not None:  # CPU: plain stores into the buffer, no tensor op per value
-            tail = self._tail_np
-            tail[:len(values)] = values
-        else:
-            tail = self.tail
-            tail[:len(values)] = torch.tensor(values, dtype=tail.dtype)
+        # CPU: plain stores into the buffer, no tensor op per value; a GPU: the same into a
+        # pinned host tail, copied to the device's in one transfer
+        tail = self._tail_np if self._tail_np is not None else self._host_tail()
+        tail[:len(values)] = values
         ranks = FIXED + self.metric_slots
         tail[ranks + self.rank] = arrived
         tail[ranks + self.world + self.rank] = 0.0 if math.isfinite(loss_sum) else 1.0
+        if self._tail_np is None:
+            self.tail.copy_(self._tail_host_t, non_blocking=True)
         if self.alone:  # a parameter backward did not reach gets zeros, as the views would hold
             for p in self.stolen:
                 if p.grad is None:
@@ -134,6 +135,20 @@ class FusedGrads:
         else:
             comm.allreduce(self.flat)  # dist: the one collective of a training step
         return self._stats(arrived)
+
+    def _host_tail(self):
+        """The pinned host copy of a device buffer's tail, zeroed (as zero() clears the device's)."""
+        if self._tail_host_t is None:
+            self._tail_host_t = torch.zeros(self.tail.numel(), dtype=self.tail.dtype, pin_memory=True)
+        self._tail_host_t.zero_()  # the copy of the previous step's is done: its stats were read back
+        return self._tail_host_t.numpy()
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """What holds the gradients this step: the flat buffer's gradient part (a world of
+        more), or each parameter's own (a world of one)."""
+        if self.alone:
+            return [p.grad for p in self.params if p.grad is not None]
+        return [self.flat[:self.n]]
 
     def _stats(self, arrived: float) -> StepStats:
         summed = (self._tail_np if self._tail_np is not None else self.tail.cpu().numpy()).tolist()

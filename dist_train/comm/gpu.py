@@ -1,0 +1,138 @@
+"""The GPU transport: how tensors on a GPU are summed.
+
+    every worker on a GPU of its own     NCCL on the device (a torch.distributed NCCL group:
+                                         a new group of the launcher's gloo world, or, under
+                                         MPI, a world whose store address rank 0 broadcasts)
+    otherwise (a GPU shared, some on     through a pinned host buffer, over the CPU stack
+    the CPU, comm.nccl false)            (shared memory within a host, MPI or gloo across)
+
+`for_device` decides it alike on every worker (one vote) and installs `ByDevice` under
+the watchdog, which goes on counting every collective: a stalled NCCL peer is named as a
+gloo or MPI one is, and NCCL's own timeout (comm.timeout_s + MARGIN_S, async error
+handling on) ends a collective the watchdog did not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from datetime import timedelta
+
+import torch
+
+from .base import Communicator
+
+
+def wants_nccl(on_gpu: list[bool], keys: list[int], nccl: bool) -> bool:
+    """NCCL when asked (`nccl`) and every worker is on a GPU (`on_gpu`) no other worker
+    computes on (`keys`: each worker's (host, GPU) identity): a pure function of the vote."""
+    return nccl and all(on_gpu) and len(set(keys)) == len(keys)
+
+
+def for_device(comm: Communicator, device: torch.device, *, timeout_s: float, nccl: bool = True) -> Communicator:
+    """`comm`, able to sum tensors on `device`. Collective: every worker calls it; a world
+    of one, or CPU workers everywhere, get `comm` back unchanged."""
+    if comm.world_size == 1:
+        return comm
+    vote = torch.zeros(comm.world_size, 2, dtype=torch.int64)
+    vote[comm.rank] = torch.tensor([1 if device.type == "cuda" else 0, _gpu_key(device)])
+    comm.allreduce(vote)  # dist: where every worker computes
+    on_gpu, keys = [bool(v) for v in vote[:, 0].tolist()], vote[:, 1].tolist()
+    if not any(on_gpu):
+        return comm
+    gpu = nccl_comm(comm, device, timeout_s) if wants_nccl(on_gpu, keys, nccl) else None
+    routed = ByDevice(getattr(comm, "_inner", comm), gpu)
+    if hasattr(comm, "_inner"):  # under the watchdog (watchdog.Watched): it keeps counting the collectives
+        comm._inner = routed
+        return comm
+    return routed
+
+
+class ByDevice(Communicator):
+    """CPU tensors to the CPU stack; GPU tensors to NCCL (`gpu`), or, without it, through
+    a pinned host buffer and the CPU stack."""
+
+    def __init__(self, cpu: Communicator, gpu: Communicator | None):
+        self.cpu, self.gpu = cpu, gpu
+        self._inner = cpu  # what shm.buffer looks for beneath the wrappers
+        self.rank, self.world_size = cpu.rank, cpu.world_size
+        self.nccl = gpu is not None
+        self._staging: dict = {}
+
+    def allreduce(self, buf):
+        if buf.device.type == "cpu":
+            self.cpu.allreduce(buf)
+        elif self.gpu is not None:
+            self.gpu.allreduce(buf)
+        else:
+            host = self._stage(buf)
+            self.cpu.allreduce(host)
+            buf.copy_(host)
+
+    def broadcast(self, buf, root=0):
+        if buf.device.type == "cpu":
+            self.cpu.broadcast(buf, root)
+        elif self.gpu is not None:
+            self.gpu.broadcast(buf, root)
+        else:
+            host = self._stage(buf)
+            self.cpu.broadcast(host, root)
+            buf.copy_(host)
+
+    def _stage(self, buf: torch.Tensor) -> torch.Tensor:
+        """`buf`'s values in a pinned host tensor kept for its shape (the gradients: one a step)."""
+        key = (buf.numel(), buf.dtype)
+        host = self._staging.get(key)
+        if host is None:
+            host = self._staging[key] = torch.empty(buf.numel(), dtype=buf.dtype, pin_memory=True)
+        host.copy_(buf.reshape(-1))
+        return host.view(buf.shape)
+
+    def close(self):
+        try:
+            if self.gpu is not None:
+                self.gpu.close()
+        finally:
+            self.cpu.close()
+
+
+def nccl_comm(comm: Communicator, device: torch.device, timeout_s: float) -> Communicator:
+    """A torch.distributed NCCL communicator of the same ranks as `comm`. Collective.
+
+    Where the launcher already joined a torch.distributed world (torchrun, srun, Spark:
+    gloo), an NCCL group of it; else (MPI) a world of its own: rank 0 listens, and its
+    address travels over `comm`."""
+    import torch.distributed as dist
+
+    from . import torchdist
+    from .factory import broadcast_bytes
+    from .watchdog import own_address
+
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a failed collective ends the process
+    torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s + torchdist.MARGIN_S)
+    if dist.is_initialized():
+        return torchdist.TorchDistComm(dist.new_group(backend="nccl", timeout=timeout))
+    store, where = None, ""
+    if comm.rank == 0:
+        address = own_address()
+        store, port = torchdist.listen(address)
+        where = f"{address}:{port}"
+    where = broadcast_bytes(comm, where.encode()).decode()
+    host, port = where.rsplit(":", 1)
+    if store is None:
+        store = dist.TCPStore(host, int(port), comm.world_size, is_master=False, timeout=timeout)
+    dist.init_process_group("nccl", store=store, rank=comm.rank, world_size=comm.world_size, timeout=timeout,
+                            device_id=device)
+    return torchdist.TorchDistComm(keep=[store])
+
+
+def _gpu_key(device: torch.device) -> int:
+    """This worker's (host, GPU) as 62 bits: the GPU's UUID where torch tells it."""
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    gpu = str(getattr(props, "uuid", device.index))
+    digest = hashlib.sha256(f"{socket.gethostname()}/{gpu}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
