@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config, failures, usercode
+from . import config, device, failures, usercode
 from .errors import UserError
 from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
 from .train.outputs import PROGRESS_ENV
@@ -92,12 +92,26 @@ def _mpi(args) -> int:
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")
     args.out = args.out or default_out(args.config)
-    prepare(args, args.n, lock="check")  # refuse bad input, or an --out in use, before any rank starts
+    job = prepare(args, args.n, lock="check")  # refuse bad input, or an --out in use, before any rank starts
+    if _ranks_here(args.mpirun_arg, os.environ):
+        device.preflight(job.cfg, args.n)  # e.g. cuda:0 for 2 ranks: one line here, not MPI_ABORT on each rank
     env = dict(os.environ)
     env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
     cmd = mpi.command(args.n, mpi.program(job_argv(args)), args.mpirun_arg, env=env)
     failures.say("+ " + " ".join(cmd))
     return supervise(cmd, env, whole_group=False)
+
+
+HOST_ARGS = ("-H", "--host", "-host", "--hostfile", "-hostfile", "--machinefile", "-machinefile",
+             "--default-hostfile")
+ALLOCATIONS = ("SLURM_JOB_ID", "PBS_NODEFILE", "LSB_HOSTS", "OMPI_MCA_orte_default_hostfile")
+
+
+def _ranks_here(mpirun_args, environ) -> bool:
+    """Whether mpirun will start every rank on this host (no hosts named, no allocation): only
+    then can this host's GPUs tell whether the ranks' device setting can be met."""
+    named = any(a.split("=", 1)[0] in HOST_ARGS for a in mpirun_args)
+    return not named and not any(k in environ for k in ALLOCATIONS)
 
 
 def _spark(args) -> int:

@@ -150,16 +150,9 @@ def for_worker(cfg, local_rank: int = 0, local_size: int = 1, assigned: Sequence
                   share=cfg.comm.share_gpus)
 
 
-def preflight(cfg, local_workers: int = 1) -> None:
-    """Before any worker starts (dist-train mpi, the local launcher): the device setting can
-    be met on this host by `local_workers` workers, or one line saying why not."""
+def preflight(cfg, local_workers: int = 1, pool: Sequence[str] | None = None) -> None:
+    """Before any worker starts (dist-train mpi, a local Spark master): the device setting
+    can be met on this host by `local_workers` workers, or one line saying why not."""
     for rank in range(local_workers):
-        for_worker(cfg, rank, local_workers)
+        for_worker(cfg, rank, local_workers, pool=pool)
 
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """The device of a lone worker (local rank `local_rank`, nothing shared): for a caller
-    that knows no more of where it is."""
-    count = torch.cuda.device_count() if spec != "cpu" and torch.cuda.is_available() else 0
-    return choose(spec, local_rank=local_rank, local_size=local_rank + 1, count=count,
-                  visible=os.environ.get("CUDA_VISIBLE_DEVICES"), share=True).device

@@ -30,32 +30,45 @@ def wants_nccl(on_gpu: list[bool], keys: list[int], nccl: bool) -> bool:
     return nccl and all(on_gpu) and len(set(keys)) == len(keys)
 
 
-def for_device(comm: Communicator, device: torch.device, *, timeout_s: float, nccl: bool = True) -> Communicator:
-    """`comm`, able to sum tensors on `device`. Collective: every worker calls it; a world
-    of one, or CPU workers everywhere, get `comm` back unchanged."""
+def for_device(comm: Communicator, device: torch.device, *, timeout_s: float,
+               nccl: bool = True) -> tuple[Communicator, str]:
+    """`comm`, able to sum tensors on `device`, and a line for rank 0's log: every
+    worker's device and how GPU tensors travel. Collective: every worker calls it; a
+    world of one, or CPU workers everywhere, get `comm` back unchanged."""
     if comm.world_size == 1:
-        return comm
-    vote = torch.zeros(comm.world_size, 2, dtype=torch.int64)
-    vote[comm.rank] = torch.tensor([1 if device.type == "cuda" else 0, _gpu_key(device)])
+        return comm, ""
+    vote = torch.zeros(comm.world_size, 3, dtype=torch.int64)
+    vote[comm.rank] = torch.tensor([1 if device.type == "cuda" else 0, _gpu_key(device), device.index or 0])
     comm.allreduce(vote)  # dist: where every worker computes
     on_gpu, keys = [bool(v) for v in vote[:, 0].tolist()], vote[:, 1].tolist()
     if not any(on_gpu):
-        return comm
-    gpu = nccl_comm(comm, device, timeout_s) if wants_nccl(on_gpu, keys, nccl) else None
+        return comm, ""
+    use_nccl = wants_nccl(on_gpu, keys, nccl)
+    gpu = nccl_comm(comm, device, timeout_s) if use_nccl else None
     routed = ByDevice(getattr(comm, "_inner", comm), gpu)
+    line = describe(on_gpu, vote[:, 2].tolist(), use_nccl)
     if hasattr(comm, "_inner"):  # under the watchdog (watchdog.Watched): it keeps counting the collectives
         comm._inner = routed
-        return comm
-    return routed
+        return comm, line
+    return routed, line
+
+
+def describe(on_gpu: list[bool], index: list[int], nccl: bool, most: int = 16) -> str:
+    """'devices by rank cuda:0 cuda:1 ..., gradients over NCCL' (the first `most` ranks)."""
+    names = [f"cuda:{i}" if g else "cpu" for g, i in zip(on_gpu, index)]
+    shown = " ".join(names[:most]) + (f" ... ({len(names)} ranks)" if len(names) > most else "")
+    how = "over NCCL" if nccl else "staged through pinned host memory"
+    return f"devices by rank {shown}; GPU gradients {how}"
 
 
 class ByDevice(Communicator):
     """CPU tensors to the CPU stack; GPU tensors to NCCL (`gpu`), or, without it, through
-    a pinned host buffer and the CPU stack."""
+    a pinned host buffer and the CPU stack. It hides the CPU stack from shm.buffer (no
+    `_inner`): in a world with a GPU, no worker's gradients live in shared memory, so the
+    collective that opens them is skipped alike everywhere."""
 
     def __init__(self, cpu: Communicator, gpu: Communicator | None):
         self.cpu, self.gpu = cpu, gpu
-        self._inner = cpu  # what shm.buffer looks for beneath the wrappers
         self.rank, self.world_size = cpu.rank, cpu.world_size
         self.nccl = gpu is not None
         self._staging: dict = {}
@@ -119,13 +132,9 @@ def nccl_comm(comm: Communicator, device: torch.device, timeout_s: float) -> Com
         address = own_address()
         store, port = torchdist.listen(address)
         where = f"{address}:{port}"
-    where = broadcast_bytes(comm, where.encode()).decode()
-    host, port = where.rsplit(":", 1)
-    if store is None:
-        store = dist.TCPStore(host, int(port), comm.world_size, is_master=False, timeout=timeout)
-    dist.init_process_group("nccl", store=store, rank=comm.rank, world_size=comm.world_size, timeout=timeout,
-                            device_id=device)
-    return torchdist.TorchDistComm(keep=[store])
+    host, port = broadcast_bytes(comm, where.encode()).decode().rsplit(":", 1)
+    return torchdist.connect(host, int(port), comm.rank, comm.world_size, timeout_s, store=store, backend="nccl",
+                             device=device)
 
 
 def _gpu_key(device: torch.device) -> int:

@@ -46,14 +46,14 @@ def listen(address: str) -> tuple[dist.TCPStore, int]:
 
 
 def connect(address: str, port: int, rank: int, world: int, timeout_s: float, store=None,
-            backend: str = "gloo", store_running: bool = False) -> TorchDistComm:
+            backend: str = "gloo", store_running: bool = False, device=None) -> TorchDistComm:
     """Join the process group whose rank 0 listens at address:port (rank 0 may pass the
     store it already opened with `listen`; with `store_running` every rank joins a store
-    that already listens there, as torchrun's agent's does)."""
+    that already listens there, as torchrun's agent's does); `device`: NCCL's GPU."""
     timeout = timedelta(seconds=timeout_s + MARGIN_S)
     if store is None:
         store = dist.TCPStore(address, port, world, is_master=rank == 0 and not store_running, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, device_id=device)
     return TorchDistComm(keep=[store])
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .. import config, data, usercode
 from ..comm import broadcast_bytes
+from ..device import Choice, for_worker
 from ..errors import UserError
 from ..files import OutLock, check_unlocked
 from ..train import validate
@@ -54,6 +55,18 @@ class Job:
     out: Path | None
     resume: bool
     lock: OutLock | None = None  # held while the job lasts, by the process that writes its outputs
+    device: Choice | None = None  # this worker's (on_device)
+
+    def on_device(self, local_rank: int = 0, local_size: int = 1, assigned=None, pool=None) -> Job:
+        """This job with this worker's device chosen (device.for_worker); where the setting
+        cannot be met, its one-line ConfigError, the lock let go."""
+        try:
+            self.device = for_worker(self.cfg, local_rank, local_size, assigned=assigned, pool=pool)
+        except UserError:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+        return self
 
     def worker_data(self):
         """This worker's data: a user's dataset whole (the core asks it only for its rows),

@@ -24,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(argv) -> None:
     args = job_parser("launchers/local.py").parse_args(argv)
-    job = prepare(args, world_size=1)
+    job = prepare(args, world_size=1).on_device()
     try:
         threads = device.set_threads(device.thread_budget(local_workers=1, override=job.cfg.threads,
                                                           data_workers=job.data_workers))
         fit(job.cfg, LocalComm(), job.worker_data(), out_dir=job.out, resume=job.resume, launcher="local",
-            threads=threads)
+            device=job.device, threads=threads)
     finally:
         job.lock.release()
 

@@ -36,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
 def _train(world, argv) -> None:
     from ..comm import mpi
 
+    env = mpi.environment()
+
     def make_job():
         args = job_parser("launchers/mpi.py").parse_args(argv)
-        return prepare(args, world.world_size, lock="hold" if world.rank == 0 else None)  # rank 0 writes
+        job = prepare(args, world.world_size, lock="hold" if world.rank == 0 else None)  # rank 0 writes
+        return job.on_device(env.local_rank, env.local_size)
 
     job = prepare_everywhere(world, make_job)
-    env, cfg = mpi.environment(), job.cfg
+    cfg = job.cfg
     comm = connect(env, timeout_s=cfg.comm.timeout_s, shm=cfg.comm.shm, base=world,
                    fail=lambda line: (failures.say(line), mpi.abort(1)))
     threads = device.set_threads(device.thread_budget(local_workers=env.local_size, override=cfg.threads,
@@ -49,7 +52,7 @@ def _train(world, argv) -> None:
     try:
         with failures.leaving(comm):
             fit(cfg, comm, job.worker_data(), out_dir=job.out, resume=job.resume, launcher="mpi",
-                local_rank=env.local_rank, threads=threads)
+                device=job.device, threads=threads)
     finally:
         if job.lock is not None:
             job.lock.release()

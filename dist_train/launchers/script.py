@@ -90,7 +90,8 @@ def _train(cfg, where, base, given, out_dir, resume) -> Result:
         if out is not None:
             check_unlocked(out)  # a run in progress there: say that, not what its files look like
             prepare_out_dir(out, resume)
-        return prepare_job(cfg, comm.world_size, out, resume, lock="hold" if comm.rank == 0 else None, **given)
+        job = prepare_job(cfg, comm.world_size, out, resume, lock="hold" if comm.rank == 0 else None, **given)
+        return job.on_device(where.local_rank, where.local_size)
 
     job = prepare_everywhere(comm, make_job)  # every worker goes on, or all stop with one line
     threads = device.set_threads(device.thread_budget(where.local_size, override=cfg.threads,
@@ -98,7 +99,7 @@ def _train(cfg, where, base, given, out_dir, resume) -> Result:
     try:
         with failures.leaving(comm):
             return train(cfg, comm, job.worker_data(), out_dir=out, resume=resume, launcher=where.kind,
-                         local_rank=where.local_rank, threads=threads, model=given["model"], loss=given["loss"])
+                         device=job.device, threads=threads, model=given["model"], loss=given["loss"])
     finally:
         if job.lock is not None:
             job.lock.release()

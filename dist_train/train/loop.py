@@ -18,13 +18,15 @@ import torch
 
 from .. import config, failures, models
 from ..data import sharding
-from ..device import resolve_device
+from ..comm import gpu
+from ..device import Choice, for_worker
 from . import checkpoint, losses, metrics, schedule
 from .agree import agree_at_start, check_parameters
 from .clock import Clock
 from .evaluate import evaluate
 from .gradsync import FusedGrads, broadcast_parameters, settle_buffers
 from .optim import make_optimizer
+from .scaler import LossScale
 from .outputs import RunWriter, write_final
 from .state import Position, checkpoint_state, restore
 from .step import Step
@@ -66,6 +68,9 @@ class Run:
     loss: losses.Loss
     metrics: list
     given_model: object = None  # the model given to fit, if it was (not from the config)
+    scaler: LossScale | None = None  # fp16's loss scale
+    choice: Choice | None = None  # how this worker's device was chosen
+    devices: str = ""  # every worker's device (a world with a GPU in it)
     stopped_by: str = "epochs"
 
     @property
@@ -76,8 +81,8 @@ class Run:
 
 
 def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = "local", local_rank: int = 0,
-        threads: int | None = None, write_outputs: bool = True, fence=None, quiet: bool = False,
-        model=None, loss=None, on_record=None) -> Result:
+        local_size: int = 1, device: Choice | None = None, threads: int | None = None, write_outputs: bool = True,
+        fence=None, quiet: bool = False, model=None, loss=None, on_record=None) -> Result:
     """Train `cfg` on this worker's `data` (a data.WorkerData, or data.Items) with peers
     reachable through `comm`.
 
@@ -86,8 +91,11 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
     summary.json to the caller (the Spark driver); `fence`, if given, is asked before each
     write whether this run still owns --out; `quiet` prints nothing (the Spark driver
     shows progress from metrics.jsonl instead); `on_record`, if given, gets rank 0's
-    metrics records as they are logged (the Spark driver's progress without --out)."""
-    run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, local_rank=local_rank,
+    metrics records as they are logged (the Spark driver's progress without --out).
+    `device`: the launcher's device.Choice for this worker; without it, device.for_worker
+    picks from `local_rank` of `local_size` workers on this host."""
+    choice = device if device is not None else for_worker(cfg, local_rank, local_size)
+    run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, choice=choice,
                 threads=threads, fence=fence, quiet=quiet, given=(model, loss), on_record=on_record)
     failures.PROGRESS.training = True  # from here a worker that leaves fails the job
     try:
@@ -99,12 +107,15 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
         raise
 
 
-def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fence, quiet, given,
+def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads, fence, quiet, given,
           on_record=None) -> Run:
     started = time.perf_counter()
     failures.PROGRESS.step, failures.PROGRESS.finished = 0, False
     config.check_world(cfg, comm.world_size)
-    device = resolve_device(cfg.device, local_rank)
+    device = choice.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels, pinned memory and NCCL on this worker's GPU
+    comm, devices = gpu.for_device(comm, device, timeout_s=cfg.comm.timeout_s, nccl=cfg.comm.nccl)
     torch.manual_seed(cfg.seed)
     model = models.build(cfg, data.sample_shape, data.outputs, given=given[0]).to(device)
     loss = losses.resolve(cfg.train.loss, given[1])
@@ -112,21 +123,25 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, local_rank, threads, fe
     optimizer = make_optimizer(cfg, model)
     writer = RunWriter(out_dir, active=comm.rank == 0, fence=fence, stream=None if quiet else sys.stdout,
                        tensorboard=cfg.log.tensorboard, on_record=on_record)
+    scaler = LossScale(cfg.train.loss_scale, cfg.train.loss_scale_growth_every) \
+        if cfg.train.precision == "fp16" else None
     ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log) if resume and out_dir else None
-    pos = restore(ckpt, model, optimizer, cfg, comm.world_size) if ckpt is not None else Position()
+    pos = restore(ckpt, model, optimizer, cfg, comm.world_size, scaler) if ckpt is not None else Position()
     agree_at_start(comm, cfg, data.fingerprint(), pos.step)  # dist: one config, data and start, before any buffer
     broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights
-    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision != "bf16",  # autocast: autograd's own path
+    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision == "fp32",  # autocast: autograd's own path
                        metrics=len(measures))
     plan = sharding.step_samples(n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=cfg.train.batch_size,
                                  accumulate=cfg.train.accumulate, eval_fraction=cfg.data.eval_fraction,
                                  sampling=cfg.data.sampling)
     writer.start_metrics(pos.step if ckpt is not None else None)
     writer.start_tracking(cfg, ckpt.get("mlflow_run_id") if ckpt is not None else None, launcher, comm.world_size)
-    step = Step(cfg, comm, model, optimizer, grads, loss, measures, device, writer.log)
+    step = Step(cfg, comm, model, optimizer, grads, loss, measures, device, writer.log, scaler)
     run = Run(cfg, comm, data, launcher, threads, device, model, optimizer, grads, writer, pos, ckpt is not None,
-              plan, step, Clock(comm.world_size, pos.samples), started, loss, measures, given[0])
-    writer.log(f"[dist-train] {launcher}: world {comm.world_size}, device {device}, "
+              plan, step, Clock(comm.world_size, pos.samples), started, loss, measures, given[0], scaler=scaler,
+              choice=choice, devices=devices)
+    writer.log(f"[dist-train] {launcher}: world {comm.world_size}, device {choice}"
+               + (f"; {devices}" if devices else "") + ", "
                f"threads {threads or torch.get_num_threads()}, {data.n} rows, "
                f"{sum(p.numel() for p in model.parameters())} parameters"
                + (f", resumed at step {pos.step} (epoch {pos.epoch})" if run.resumed else ""))
@@ -186,8 +201,8 @@ def advance(run: Run, stats, lr: float, last_of_epoch: bool) -> None:
                         now - run.clock.epoch_start)
     if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
         settle_buffers(run.comm, run.model)  # dist: one set of BatchNorm statistics in the checkpoint
-        writer.checkpoint(pos.step, checkpoint_state(run.model, run.optimizer, pos, cfg, run.comm.world_size),
-                          cfg.checkpoint.keep)
+        state = checkpoint_state(run.model, run.optimizer, pos, cfg, run.comm.world_size, run.scaler)
+        writer.checkpoint(pos.step, state, cfg.checkpoint.keep)
     if pos.batch == 0:  # the epoch just ended
         writer.metric(epoch_record(pos))
 
@@ -197,7 +212,8 @@ def finish(run: Run, write_outputs: bool) -> Result:
     cfg, writer = run.cfg, run.writer
     run.clock.stop()
     settle_buffers(run.comm, run.model)  # dist: every worker evaluates and saves the same statistics
-    writer.checkpoint(run.pos.step, checkpoint_state(run.model, run.optimizer, run.pos, cfg, run.comm.world_size),
+    writer.checkpoint(run.pos.step, checkpoint_state(run.model, run.optimizer, run.pos, cfg, run.comm.world_size,
+                                                   run.scaler),
                       cfg.checkpoint.keep)
     evaluation = evaluate(cfg, run.comm, run.model, run.data, run.device, run.loss, run.metrics)
     failures.PROGRESS.training, failures.PROGRESS.finished = False, True  # the last collective is behind us

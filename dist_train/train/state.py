@@ -26,8 +26,10 @@ class Position:
     epoch_count: int = 0
 
 
-def checkpoint_state(model, optimizer, pos: Position, cfg, world_size: int) -> dict:
-    return {
+def checkpoint_state(model, optimizer, pos: Position, cfg, world_size: int, scaler=None) -> dict:
+    """What a checkpoint holds; tensors on a GPU are saved as they are and loaded onto the
+    CPU (checkpoint.load), so a GPU run's checkpoint resumes or evaluates on a CPU."""
+    state = {
         "format": 1,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -36,11 +38,19 @@ def checkpoint_state(model, optimizer, pos: Position, cfg, world_size: int) -> d
         "config": config.to_dict(cfg),
         "world_size": world_size,
     }
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)  # dropout on the GPU draws from it
+    if scaler is not None:
+        state["loss_scale"] = scaler.state_dict()
+    return state
 
 
-def restore(ckpt: dict, model, optimizer, cfg, world_size: int) -> Position:
-    """Load a checkpoint into `model` and `optimizer`; where it was. UserError if it does
-    not fit this model, optimizer, data order or world."""
+def restore(ckpt: dict, model, optimizer, cfg, world_size: int, scaler=None) -> Position:
+    """Load a checkpoint into `model` and `optimizer` (and fp16's `scaler`); where it was.
+    UserError if it does not fit this model, optimizer, data order or world. A checkpoint
+    from a GPU resumes on a CPU and the other way round (its GPU random state is used on a
+    GPU only)."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -55,4 +65,9 @@ def restore(ckpt: dict, model, optimizer, cfg, world_size: int) -> Position:
         raise UserError(f"--resume: the checkpoint was trained by {ckpt.get('world_size')} workers with "
                         f"data.sampling shard; resume with the same world size or use global sampling")
     torch.set_rng_state(ckpt["rng"])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda" and "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    if scaler is not None and "loss_scale" in ckpt:
+        scaler.load_state_dict(ckpt["loss_scale"])
     return Position(**ckpt["position"])

@@ -3,6 +3,9 @@
     local batch(es) -> forward -> loss summed, times 1 / (the step's global count)
     -> backward (gradients add up in the fused buffer) -> one allreduce: the mean
     -> optimizer step, or every worker skips or stops together on a non-finite loss
+
+fp16 starts backward from (loss scale / count) and unscales the summed gradients, which
+every worker holds alike: an overflow skips the same step everywhere (scaler.py).
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from .. import failures, models
 from ..errors import TrainingError
 from .gradsync import TIMES, StepStats
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Step:
-    def __init__(self, cfg, comm, model, optimizer, grads, loss, metrics, device, log):
+    def __init__(self, cfg, comm, model, optimizer, grads, loss, metrics, device, log, scaler=None):
         self.t, self.comm, self.model, self.optimizer, self.grads = cfg.train, comm, model, optimizer, grads
         self.loss, self.metrics, self.device, self.log = loss, metrics, device, log
-        self.bf16 = cfg.train.precision == "bf16"
+        self.autocast = AUTOCAST[cfg.train.precision]  # None: fp32
+        self.scaler = scaler  # fp16's LossScale
         self.last_times = (0.0,) * len(TIMES)  # this worker's previous step, sent along with the next one's gradients
         self.since = None  # when this worker left the previous exchange: arrivals are counted from there
         self.skipped = 0  # steps skipped for a non-finite loss
@@ -38,7 +44,8 @@ class Step:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.grads.zero()
-        samples, loss_sum, measured, t_data = self._forward_backward(micro, 1.0 / count, logged)
+        start = (self.scaler.scale if self.scaler is not None else 1.0) / count
+        samples, loss_sum, measured, t_data = self._forward_backward(micro, start, logged)
         t2 = time.perf_counter()
         # dist: a worker whose shard is used up still joins the step, with zeros
         stats = self.grads.sync(self.comm, samples, loss_sum, measured, self.last_times, arrived=t2 - since)
@@ -54,7 +61,7 @@ class Step:
 
     def _forward_backward(self, micro, scale: float, logged: bool):
         model = self.model
-        if self._scale[0] != scale:  # the count changes at an epoch's last step only: one tensor per count
+        if self._scale[0] != scale:  # the count changes at an epoch's last step only (and fp16's loss scale)
             self._scale = (scale, torch.full((), scale, device=self.device))
         samples, loss_sum, measured, t_data = 0, 0.0, [0.0] * (2 * len(self.metrics)) if logged else [], 0.0
         micro = iter(micro)
@@ -66,12 +73,13 @@ class Step:
                 break
             n, xb, yb = got
             # (a disabled autocast still costs ~3 us to enter and leave, a nullcontext 0.3)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext():
                 out = models.apply(model, xb)
-            if self.bf16 and isinstance(out, torch.Tensor):
-                out = out.float()
+            if self.autocast and isinstance(out, torch.Tensor):
+                out = out.float()  # the loss in fp32
             loss = self.loss.sum(out, yb)
-            # dist: backward from 1 / the global count (not 1), so the summed gradients are the mean;
+            # dist: backward from 1 / the global count (not 1), so the summed gradients are the mean
+            # (fp16: times the loss scale, a power of two);
             # the same floats as (loss * scale).backward(), without a node for the product
             loss.backward(self._scale[1])
             samples += n
@@ -86,9 +94,20 @@ class Step:
 
     def _apply(self, number: int, stats: StepStats) -> None:
         """The optimizer step, or, on a non-finite loss on any worker, the same on every
-        worker (they all see the same flags): skip it, or stop naming the step and ranks."""
+        worker (they all see the same flags): skip it, or stop naming the step and ranks.
+        fp16: gradients that overflowed at the loss scale skip the step, everywhere alike."""
         if not stats.nonfinite_ranks:
-            self.optimizer.step()
+            if self.scaler is None:
+                self.optimizer.step()
+                return
+            scale = self.scaler.scale
+            overflow = self.scaler.unscale(self.grads.grad_tensors())  # the summed gradients: alike everywhere
+            self.scaler.update(overflow)
+            if not overflow:
+                self.optimizer.step()
+            else:
+                self.log(f"[dist-train] step {number}: fp16 gradients overflowed at loss scale {scale:g}; "
+                         f"step skipped, scale now {self.scaler.scale:g}")
             return
         where = ", ".join(map(str, stats.nonfinite_ranks))
         if not self.t.skip_nonfinite:

@@ -21,6 +21,8 @@ def summary(run, evaluation: dict, wall_seconds: float) -> dict:
         "epochs": pos.epoch,
         "stopped_by": run.stopped_by,
         "skipped_nonfinite_steps": run.step.skipped,
+        "skipped_overflow_steps": run.scaler.overflows if run.scaler is not None else 0,  # fp16
+        "loss_scale": run.scaler.scale if run.scaler is not None else None,
         "final_train_loss": pos.epoch_loss / pos.epoch_count if pos.epoch_count else None,
         "eval": evaluation,
         "samples": pos.samples,
@@ -34,6 +36,8 @@ def summary(run, evaluation: dict, wall_seconds: float) -> dict:
         "grad_bytes": run.grads.nbytes,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's (Linux: KiB)
         "device": str(run.device),
+        "device_reason": run.choice.why if run.choice is not None else "",  # how device.choose picked it
+        "devices": run.devices,  # every worker's, where one is on a GPU
         "threads": run.threads or torch.get_num_threads(),
         "meta": {"sample_shape": jsonable(run.data.sample_shape), "outputs": run.data.outputs, "loss": run.loss.name,
                  "model": model_name(run), "torch": str(torch.__version__),

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ... import config, data, failures, models, usercode
+from ... import config, data, device, failures, models, usercode
 from ...errors import ConfigError, UserError
 from ...files import OutLock, atomic_write, check_unlocked
 from ...train import Result, tracking, validate
@@ -37,7 +37,7 @@ from ...train.outputs import prepare_out_dir, write_final
 from ..common import job_parser, out_dir
 from . import feed, progress
 from .session import session
-from .task import RESULT_SCHEMA, TrainTask
+from .task import RESULT_SCHEMA, Gpus, TrainTask
 
 
 class TrainingFailed(RuntimeError):
@@ -53,9 +53,10 @@ class TrainingFailed(RuntimeError):
 # ---------------------------------------------------------------- before the job
 
 
-def preflight(spark, cfg) -> None:
-    """Fail at once where Spark itself would wait ~10 minutes (barrier slot re-checks) or refuse.
-    Reads the conf through the session (DataFrame API: Spark Connect has no SparkContext)."""
+def preflight(spark, cfg) -> Gpus:
+    """Fail at once where Spark itself would wait ~10 minutes (barrier slot re-checks) or refuse;
+    where the tasks' GPUs come from (gpus). Reads the conf through the session (DataFrame
+    API: Spark Connect has no SparkContext)."""
     if conf(spark, "spark.dynamicAllocation.enabled", "false").lower() == "true":
         raise UserError("Spark barrier mode cannot run with dynamic allocation: "
                         "set spark.dynamicAllocation.enabled=false")
@@ -69,6 +70,47 @@ def preflight(spark, cfg) -> None:
         raise UserError(f"spark.workers={need} needs {need} free task slots, the cluster has {slots} "
                         f"({master}: {slots * task_cpus} cores / spark.task.cpus={task_cpus}): lower spark.workers "
                         f"or add executors/cores (a barrier stage waits ~10 minutes before Spark gives up)")
+    return gpus(spark, cfg, master)
+
+
+def gpus(spark, cfg, master: str) -> Gpus:
+    """The GPU plan of the job, or one line where the conf cannot give `device` what it asks."""
+    task = conf(spark, "spark.task.resource.gpu.amount", "")
+    if cfg.device == "cpu":
+        return Gpus()
+    if cfg.device.startswith("cuda:"):
+        raise ConfigError("device", f"{cfg.device}: a Spark task uses the GPU Spark assigns it (or, under a local "
+                                    f"master, one by local rank): use cuda or auto")
+    if master.startswith("local") and not master.startswith("local-cluster"):
+        if task:  # verified on Spark 4: the local backend offers no GPU slots, so the stage never starts
+            raise UserError(f"spark.task.resource.gpu.amount={task} under a local master: Spark never schedules "
+                            f"such tasks (the job would wait forever); unset it: local tasks take the driver's "
+                            f"GPUs by local rank")
+        sc = classic_context(spark)
+        found = sc.resources.get("gpu") if sc is not None else None
+        plan = Gpus(pool=tuple(found.addresses) if found is not None else None)
+        device.preflight(cfg, cfg.spark.workers, pool=plan.pool)  # all tasks on this host: enough GPUs?
+        return plan
+    if not task:
+        if cfg.device == "cuda":
+            raise UserError("device: cuda on a Spark cluster needs GPU scheduling: set "
+                            "spark.executor.resource.gpu.amount, spark.task.resource.gpu.amount (1: a GPU per "
+                            "task) and spark.executor.resource.gpu.discoveryScript")
+        return Gpus(assigned=True)  # auto: each task finds none assigned, and computes on its CPU
+    if not conf(spark, "spark.executor.resource.gpu.amount", ""):
+        raise UserError(f"spark.task.resource.gpu.amount={task} without spark.executor.resource.gpu.amount: "
+                        f"set both (and spark.executor.resource.gpu.discoveryScript)")
+    if _float(task, "spark.task.resource.gpu.amount") < 1 and not cfg.comm.share_gpus:
+        raise UserError(f"spark.task.resource.gpu.amount={task} puts several tasks on one GPU: set "
+                        f"comm.share_gpus: true to allow it, or use 1")
+    return Gpus(assigned=True)
+
+
+def _float(value: str, key: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"{key}={value!r}: not a number") from None
 
 
 def conf(spark, key: str, default: str) -> str:
@@ -210,7 +252,7 @@ def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, l
     given = {"model": model, "data": data, "loss": loss}
     config.check_world(cfg, cfg.spark.workers)
     tracking.resolve_uri(cfg)  # rank 0 tracks from an executor: give it the driver's MLflow URI
-    preflight(spark, cfg)
+    plan = preflight(spark, cfg)
     out = Path(out_dir).resolve() if out_dir else None
     if out is not None:
         check_unlocked(out)  # a run in progress there: say that, not what its files look like
@@ -224,13 +266,14 @@ def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, l
     try:
         if out is not None:
             prepare_out_dir(out, resume)  # again, now that no other run can start on it
-        return _run_attempts(spark, cfg, source, out, resume, log, given)
+        return _run_attempts(spark, cfg, source, out, resume, log, given, plan)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: bool, log, given: dict) -> Result:
+def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: bool, log, given: dict,
+                  gpus: Gpus) -> Result:
     world = cfg.spark.workers
     shards = feed.shard(spark, source, world)
     for attempt in range(1, cfg.spark.max_attempts + 1):
@@ -241,7 +284,7 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
         else:  # rank 0 sends its records to the driver
             follower = progress.Listener(log, conf(spark, "spark.driver.host", ""))
             addresses = follower.addresses
-        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given, addresses)
+        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given, addresses, gpus)
         log(f"[dist-train] spark: starting {world} barrier tasks (attempt {attempt})")
         try:
             chunks = shards.mapInArrow(task, RESULT_SCHEMA, barrier=True).collect()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ... import data, device, failures
@@ -30,15 +30,26 @@ RESULT_SCHEMA = "chunk int, payload binary"
 RESULT_CHUNK = 32 << 20  # rank 0's model and summary travel in pieces (spark.driver.maxResultSize bounds a collect)
 
 
+@dataclass(frozen=True)
+class Gpus:
+    """Where the tasks' GPUs come from: Spark's scheduler (`assigned`: each task reads
+    TaskContext.resources()["gpu"]), or, under a local master, a `pool` the driver's host
+    shares out by local rank (None: every GPU torch sees there)."""
+
+    assigned: bool = False
+    pool: tuple | None = None
+
+
 class TrainTask:
     """mapInArrow's function of the barrier stage: yields rank 0's model and summary, in chunks."""
 
     def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int,
-                 given: dict | None = None, progress_to=None):
+                 given: dict | None = None, progress_to=None, gpus: Gpus = Gpus()):
         self.cfg, self.world, self.out, self.resume, self.attempt = cfg, world, out, resume, attempt
         self.source = replace(source, df=None, dataset=None)  # what a task needs to know of it, not the rows
         self.given = given or {}  # the notebook's model, data and loss objects (pickled with the task)
         self.progress_to = progress_to  # the driver's progress port (no --out), as (host, port) candidates
+        self.gpus = gpus
 
     def __call__(self, batches):
         import pyarrow as pa
@@ -66,6 +77,7 @@ class TrainTask:
         rendezvous = Rendezvous(ctx, rank, self.world)
         shard = self._shard(rank, batches)
         env, store = rendezvous.finish()
+        choice = self._device(ctx, env)
         comm = connect(env, timeout_s=self.cfg.comm.timeout_s, shm=self.cfg.comm.shm, store=store,
                        fail=failures.deferred_exit(WATCHDOG_GRACE_S))
         threads = device.set_threads(device.thread_budget(1, cores=ctx.cpus(), override=self.cfg.threads,
@@ -74,7 +86,7 @@ class TrainTask:
         try:
             with failures.leaving(comm):
                 return fit(self.cfg, comm, shard, out_dir=self.out, resume=self.resume, launcher="spark",
-                           threads=threads, write_outputs=False, fence=self._fence(),
+                           device=choice, threads=threads, write_outputs=False, fence=self._fence(),
                            quiet=True,  # the driver shows the progress (metrics.jsonl, or what rank 0 sends)
                            model=self.given.get("model"), loss=self.given.get("loss"), on_record=sender)
         except BaseException as e:
@@ -85,6 +97,15 @@ class TrainTask:
         finally:
             if sender is not None:
                 sender.close()
+
+    def _device(self, ctx, env) -> device.Choice:
+        """This task's device: the GPU Spark assigned it, or, under a local master, the
+        driver's by local rank (device.choose)."""
+        assigned = None
+        if self.gpus.assigned:
+            found = ctx.resources().get("gpu")
+            assigned = list(found.addresses) if found is not None else []
+        return device.for_worker(self.cfg, env.local_rank, env.local_size, assigned=assigned, pool=self.gpus.pool)
 
     def _shard(self, rank: int, batches):
         """This task's data: its shard's rows spooled to local disk, or the user's dataset made here."""
