@@ -1,7 +1,9 @@
-"""The benchmark's companions: the cost model reads what scripts/bench.py wrote."""
+"""The scripts beside the benchmark: the cost model reads what scripts/bench.py wrote; the GPU check's dry run."""
 
 import json
 import sys
+
+import pytest
 
 from .helpers import ROOT, ok, run
 
@@ -25,3 +27,14 @@ def test_the_cost_model_predicts_from_the_bench_results(tmp_path):
 def test_the_cost_model_without_bench_results_says_so(tmp_path):
     p = run([sys.executable, ROOT / "scripts/cost_model.py", "--bench", tmp_path / "none.json"], timeout=60)
     assert p.returncode == 1 and "run scripts/bench.py first" in p.stderr and p.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_run_prints_every_row(tmp_path):
+    """scripts/gpu_check.py --cpu: the GPU check's code on the CPU (the GPU verdicts need a GPU)."""
+    proc = run([sys.executable, ROOT / "scripts/gpu_check.py", "--cpu"], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("| row | result | verdict |"):]
+    for name in ("cuda-vs-cpu", "mpi-2-shared", "nccl-1", "spark-2", "fp16", "bf16", "lenet", "resnet", "h2d"):
+        assert f"| {name} |" in table, name
+    assert "FAIL" not in table
