@@ -37,13 +37,14 @@ def for_device(comm: Communicator, device: torch.device, *, timeout_s: float,
     world of one, or CPU workers everywhere, get `comm` back unchanged."""
     if comm.world_size == 1:
         return comm, ""
-    vote = torch.zeros(comm.world_size, 3, dtype=torch.int64)
-    vote[comm.rank] = torch.tensor([1 if device.type == "cuda" else 0, _gpu_key(device), device.index or 0])
-    comm.allreduce(vote)  # dist: where every worker computes
+    vote = torch.zeros(comm.world_size, 4, dtype=torch.int64)
+    vote[comm.rank] = torch.tensor([1 if device.type == "cuda" else 0, _gpu_key(device), device.index or 0,
+                                    int(nccl)])
+    comm.allreduce(vote)  # dist: where every worker computes (and whether all allow NCCL: decided alike)
     on_gpu, keys = [bool(v) for v in vote[:, 0].tolist()], vote[:, 1].tolist()
     if not any(on_gpu):
         return comm, ""
-    use_nccl = wants_nccl(on_gpu, keys, nccl)
+    use_nccl = wants_nccl(on_gpu, keys, all(vote[:, 3].tolist()))
     gpu = nccl_comm(comm, device, timeout_s) if use_nccl else None
     routed = ByDevice(getattr(comm, "_inner", comm), gpu)
     line = describe(on_gpu, vote[:, 2].tolist(), use_nccl)

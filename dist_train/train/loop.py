@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from .. import config, failures, models
-from ..data import sharding
 from ..comm import gpu
+from ..data import sharding
 from ..device import Choice, for_worker
 from . import checkpoint, losses, metrics, schedule
 from .agree import agree_at_start, check_parameters
@@ -26,8 +26,8 @@ from .clock import Clock
 from .evaluate import evaluate
 from .gradsync import FusedGrads, broadcast_parameters, settle_buffers
 from .optim import make_optimizer
-from .scaler import LossScale
 from .outputs import RunWriter, write_final
+from .scaler import LossScale
 from .state import Position, checkpoint_state, restore
 from .step import Step
 from .summary import done_line, epoch_record, step_record, summary
