@@ -2,6 +2,7 @@
 vote, the feed's CPU path, fp16's global loss scale, GPU checkpoints on the CPU, the
 launchers' device preflights. What needs a GPU is scripts/gpu_check.sh."""
 
+import hashlib
 import json
 import sys
 
@@ -179,6 +180,9 @@ def _as_if_saved_on_a_gpu(path, monkeypatch, extra=None):
     with monkeypatch.context() as m:
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         torch.save(obj, path)
+    sums = path.with_name(path.name + ".sha256")
+    if sums.exists():  # a checkpoint: its checksum, as the GPU run would have written it
+        sums.write_text(hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks that a GPU file loads where there is no GPU")
@@ -195,7 +199,8 @@ def test_a_gpu_runs_checkpoint_resumes_and_evaluates_on_a_cpu(tmp_path, monkeypa
         torch.load(newest, weights_only=True)  # what a plain load does on a CPU machine
     evaluated = ok(run([BIN / "dist-train", "eval", str(out)]))
     assert "accuracy" in evaluated.stdout
-    ok(local("conf/digits.yaml", out, *sets, resume=True))
+    resumed = ok(local("conf/digits.yaml", out, *sets, resume=True))
+    assert "resumed at step" in resumed.stdout and "corrupt" not in resumed.stdout + resumed.stderr
     assert_same_weights(straight, out, atol=0, rtol=0)
 
 

@@ -163,3 +163,23 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
     assert [e.step for e in got] == [r["step"] for r in logged]
     assert [e.value for e in got] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
     assert {"step/lr", "step/accuracy", "step/compute_ms", "step/comm_ms", "epoch/loss"} <= set(board.Tags()["scalars"])
+
+
+def test_resume_never_starts_a_fresh_run_silently(tmp_path):
+    """--resume where there is nothing to continue from is one line and exit 2, not a new run."""
+    missing = tmp_path / "missing"
+    p = run_local("conf/xor.yaml", missing, resume=True)
+    assert p.returncode == 2 and "--resume:" in p.stderr and "does not exist" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = run_local("conf/xor.yaml", empty, resume=True)
+    assert p.returncode == 2 and "holds no run" in p.stderr and not any(empty.iterdir()), p.stderr
+    out = tmp_path / "run"
+    ok(run_local("conf/xor.yaml", out, "train.epochs=20", "checkpoint.every_steps=5"))
+    (out / "summary.json").unlink()
+    for path in checkpoint.listing(out / "checkpoints"):
+        path.write_bytes(path.read_bytes()[:40])  # every checkpoint torn
+    p = run_local("conf/xor.yaml", out, "train.epochs=40", resume=True)
+    assert p.returncode == 2 and "every checkpoint in" in p.stderr and "is corrupt" in p.stderr, p.stderr
+    assert not (out / "summary.json").exists()

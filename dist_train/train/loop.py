@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import config, failures, models
+from ..errors import UserError
 from ..comm import gpu
 from ..data import sharding
 from ..device import Choice, for_worker
@@ -126,6 +127,9 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads
     scaler = LossScale(cfg.train.loss_scale, cfg.train.loss_scale_growth_every) \
         if cfg.train.precision == "fp16" else None
     ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log) if resume and out_dir else None
+    if resume and out_dir and ckpt is None and checkpoint.listing(writer.checkpoint_dir):
+        raise UserError(f"--resume: every checkpoint in {writer.checkpoint_dir} is corrupt or unreadable; "
+                        f"nothing to continue from (drop --resume to start again)")
     pos = restore(ckpt, model, optimizer, cfg, comm.world_size, scaler) if ckpt is not None else Position()
     agree_at_start(comm, cfg, data.fingerprint(), pos.step)  # dist: one config, data and start, before any buffer
     broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights

@@ -38,6 +38,9 @@ def prepare_out_dir(out_dir: str | Path, resume: bool) -> Path:
     has_run = (out / "summary.json").exists() or bool(checkpoint.listing(out / "checkpoints"))
     if has_run and not resume:
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not has_run:  # never a silent fresh start where the user asked to continue
+        what = "does not exist" if not out.exists() else "holds no run (no checkpoints, no summary.json)"
+        raise UserError(f"--resume: {out} {what}: check the path, or drop --resume to start a new run")
     return out
 
 
