@@ -257,16 +257,25 @@ def test_the_spark_preflight_with_gpu_resources():
         driver.gpus(Conf("local[2]", **both), cfg_with(), "local[2]")
 
 
+def discovery_script(directory, addresses) -> str:
+    """A Spark GPU discovery script announcing `addresses` (no GPU needs to be there)."""
+    script = directory / "gpus.sh"
+    script.write_text(f"#!/bin/sh\necho '{json.dumps({'name': 'gpu', 'addresses': addresses})}'\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def spark_args(confs: dict) -> list[str]:
+    return [a for k, v in confs.items() for a in ("--spark-arg=--conf", f"--spark-arg={k}={v}")]
+
+
 @pytest.mark.slow
 def test_dist_train_spark_refuses_gpu_task_resources_under_a_local_master(tmp_path):
-    out, script = tmp_path / "gpu", tmp_path / "gpus.sh"
-    script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0"]}\'\n')
-    script.chmod(0o755)
+    out = tmp_path / "gpu"
     confs = {"spark.task.resource.gpu.amount": "1", "spark.executor.resource.gpu.amount": "1",
-             "spark.executor.resource.gpu.discoveryScript": script}
+             "spark.executor.resource.gpu.discoveryScript": discovery_script(tmp_path, ["0"])}
     proc = run([BIN / "dist-train", "spark", str(ROOT / "conf/digits.yaml"), "--master", "local[2]",
-                "--out", str(out), "--set", "spark.workers=2",
-                *[a for k, v in confs.items() for a in ("--spark-arg=--conf", f"--spark-arg={k}={v}")]], timeout=180)
+                "--out", str(out), "--set", "spark.workers=2", *spark_args(confs)], timeout=180)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "spark.task.resource.gpu.amount=1 under a local master" in proc.stderr + proc.stdout
     assert not (out / "model.pt").exists()
@@ -284,13 +293,10 @@ def test_the_log_names_every_workers_device(tmp_path):
 def test_spark_local_master_with_driver_gpus_configured_runs(tmp_path):
     """The driver's GPU resources are the local master's pool; here torch sees none of
     them, so auto computes on the CPU and says why."""
-    out, script = tmp_path / "run", tmp_path / "gpus.sh"
-    script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
-    script.chmod(0o755)
-    confs = {"spark.driver.resource.gpu.amount": "2", "spark.driver.resource.gpu.discoveryScript": script}
+    out = tmp_path / "run"
+    confs = {"spark.driver.resource.gpu.amount": "2",
+             "spark.driver.resource.gpu.discoveryScript": discovery_script(tmp_path, ["0", "1"])}
     proc = ok(run([BIN / "dist-train", "spark", str(ROOT / "conf/xor.yaml"), "--master", "local[2]",
-                   "--out", str(out), "--set", "spark.workers=2",
-                   *[a for k, v in confs.items() for a in ("--spark-arg=--conf", f"--spark-arg={k}={v}")]],
-                  timeout=180))
+                   "--out", str(out), "--set", "spark.workers=2", *spark_args(confs)], timeout=180))
     s = json.loads((out / "summary.json").read_text())
     assert (s["device"], s["device_reason"]) == ("cpu", "no CUDA device") and "'accuracy': 1.0" in proc.stdout

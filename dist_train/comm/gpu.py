@@ -71,27 +71,22 @@ class ByDevice(Communicator):
     def __init__(self, cpu: Communicator, gpu: Communicator | None):
         self.cpu, self.gpu = cpu, gpu
         self.rank, self.world_size = cpu.rank, cpu.world_size
-        self.nccl = gpu is not None
         self._staging: dict = {}
 
     def allreduce(self, buf):
-        if buf.device.type == "cpu":
-            self.cpu.allreduce(buf)
-        elif self.gpu is not None:
-            self.gpu.allreduce(buf)
-        else:
-            host = self._stage(buf)
-            self.cpu.allreduce(host)
-            buf.copy_(host)
+        self._route("allreduce", buf)
 
     def broadcast(self, buf, root=0):
+        self._route("broadcast", buf, root)
+
+    def _route(self, op: str, buf: torch.Tensor, *args) -> None:
         if buf.device.type == "cpu":
-            self.cpu.broadcast(buf, root)
+            getattr(self.cpu, op)(buf, *args)
         elif self.gpu is not None:
-            self.gpu.broadcast(buf, root)
+            getattr(self.gpu, op)(buf, *args)
         else:
             host = self._stage(buf)
-            self.cpu.broadcast(host, root)
+            getattr(self.cpu, op)(host, *args)
             buf.copy_(host)
 
     def _stage(self, buf: torch.Tensor) -> torch.Tensor:

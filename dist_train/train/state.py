@@ -38,7 +38,7 @@ def checkpoint_state(model, optimizer, pos: Position, cfg, world_size: int, scal
         "config": config.to_dict(cfg),
         "world_size": world_size,
     }
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = _device(model)
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)  # dropout on the GPU draws from it
     if scaler is not None:
@@ -65,9 +65,13 @@ def restore(ckpt: dict, model, optimizer, cfg, world_size: int, scaler=None) -> 
         raise UserError(f"--resume: the checkpoint was trained by {ckpt.get('world_size')} workers with "
                         f"data.sampling shard; resume with the same world size or use global sampling")
     torch.set_rng_state(ckpt["rng"])
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = _device(model)
     if device.type == "cuda" and "cuda_rng" in ckpt:
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     if scaler is not None and "loss_scale" in ckpt:
         scaler.load_state_dict(ckpt["loss_scale"])
     return Position(**ckpt["position"])
+
+
+def _device(model) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
