@@ -8,8 +8,9 @@
     dist-train plot RUN_DIR [RUN_DIR...] --out runs.png
 
 Bad input prints one line and exits with code 2, never a traceback. `mpi` and `spark`
-run mpirun / spark-submit in a session of their own and stay with it: SIGINT, SIGTERM
-or SIGHUP to dist-train reaches it as SIGTERM (so Open MPI and Spark clean up after
+run mpirun / spark-submit in a session of their own and stay with it: a signal to
+dist-train while the job trains asks it to checkpoint and stop (preempt.py); before
+that, or a second one, reaches it as SIGTERM (so Open MPI and Spark clean up after
 themselves), and dist-train returns only once it is gone.
 """
 
@@ -23,13 +24,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from . import config, device, failures, usercode
+from . import config, device, failures, preempt, usercode
 from .errors import UserError
 from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
 from .train.outputs import PROGRESS_ENV
 
 KILL_AFTER_S = 15.0  # after forwarding a signal, what is still running then is killed
+STOP_GRACE_S = 60.0  # after asking a training job to checkpoint and stop, how long it may take
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,7 +102,13 @@ def _mpi(args) -> int:
     env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
     cmd = mpi.command(args.n, mpi.program(job_argv(args)), args.mpirun_arg, env=env)
     failures.say("+ " + " ".join(cmd))
-    return supervise(cmd, env, whole_group=False)
+    relay = None if _ranks_here(args.mpirun_arg, os.environ) else _usr1  # ranks elsewhere may not see the stop file
+    return supervise(cmd, env, whole_group=False, out=Path(args.out), relay=relay)
+
+
+def _usr1(proc: subprocess.Popen) -> None:
+    """mpirun passes SIGUSR1 on to every rank (SIGTERM it answers by killing them)."""
+    _signal(proc, signal.SIGUSR1, False)
 
 
 HOST_ARGS = ("-H", "--host", "-host", "--hostfile", "-hostfile", "--machinefile", "-machinefile",
@@ -126,7 +135,7 @@ def _spark(args) -> int:
     cmd = [spark_submit] + (["--master", args.master] if args.master else []) + args.spark_arg
     cmd += (["--py-files", ",".join(map(str, shipped))] if shipped else []) + [submit.__file__] + job_argv(args)
     failures.say("+ " + " ".join(cmd))
-    return supervise(cmd, spark_env(), whole_group=True)
+    return supervise(cmd, spark_env(), whole_group=True, out=Path(args.out))
 
 
 def _config(args) -> int:
@@ -177,41 +186,74 @@ COMMANDS = {"local": _local, "mpi": _mpi, "spark": _spark, "config": _config, "p
             "eval": _use, "predict": _use, "export": _use, "info": _use}
 
 
-def supervise(cmd: list[str], env: dict, *, whole_group: bool) -> int:
-    """Run `cmd` in a session of its own and wait for it. SIGINT, SIGTERM and SIGHUP to this
-    process reach it as SIGTERM (`whole_group`: every process of its group, as spark-submit's
-    JVM, driver and Python workers are; else the child only, as mpirun ends its ranks itself),
-    what still runs KILL_AFTER_S later is killed, and this process returns 128 + the signal.
-    If this process dies, the child gets SIGTERM (Linux)."""
+def supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None = None,
+              relay: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Run `cmd` in a session of its own and wait for it; this process returns its exit code.
+
+    A first SIGINT, SIGTERM, SIGHUP or SIGUSR1 to this process, once the job trains (its
+    metrics.jsonl in `out` was written after the start): the job is asked to checkpoint
+    and stop (preempt.ask: the stop file; `relay(proc)` may tell it more directly) and
+    gets STOP_GRACE_S to do so. Before that, or on a second signal, or when the grace is
+    up: SIGTERM (`whole_group`: every process of its group, as spark-submit's JVM, driver
+    and Python workers are; else the child only, as mpirun ends its ranks itself), and
+    what still runs KILL_AFTER_S later is killed; this process then returns 128 + the
+    signal. If this process dies, the child gets SIGTERM (Linux)."""
     got: list[tuple[int, float]] = []
-    proc = None
+    proc, started, asked = None, time.time(), []
 
     def forward(signum, frame):
         got.append((signum, time.monotonic()))
-        if proc is not None:  # a second signal: kill what is left now
+        if proc is None:
+            return
+        if len(got) == 1 and out is not None and _training_since(out, started):
+            preempt.ask(out, signum)  # the job checkpoints at its next step and leaves by itself
+            asked.append(time.monotonic())
+            if relay is not None:
+                relay(proc)
+            failures.say(f"[dist-train] {signal.Signals(signum).name}: asked the job to checkpoint and stop "
+                         f"(within {STOP_GRACE_S:.0f} s; again to stop at once)")
+        else:
             _signal(proc, signal.SIGTERM if len(got) == 1 else signal.SIGKILL, whole_group or len(got) > 1)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, forward) for s in (*preempt.SIGNALS, signal.SIGHUP)}
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_term_with_parent)  # (before exec)
         if got:  # a signal came while it started
             _signal(proc, signal.SIGTERM, whole_group)
-        while True:
-            try:
-                code = proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if got and time.monotonic() - got[0][1] > KILL_AFTER_S:
-                    _signal(proc, signal.SIGKILL, True)
+        code = _wait(proc, got, asked, whole_group)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     _signal(proc, signal.SIGKILL, True)  # anything of its group left behind (it is gone itself)
-    if not got:
+    if not got or (asked and len(got) == 1):  # the job's own end (128 + the signal: it stopped as asked)
         return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
     failures.say(f"error: interrupted by {signal.Signals(got[0][0]).name}: {Path(cmd[0]).name} and its workers "
-                 f"were stopped")
+                     f"were stopped")
     return 128 + got[0][0]
+
+
+def _wait(proc: subprocess.Popen, got: list, asked: list, whole_group: bool) -> int:
+    """The child's exit code, killing it where a stop it was asked for takes too long."""
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+            if asked and len(got) == 1 and now - asked[0] > STOP_GRACE_S:
+                failures.say(f"[dist-train] the job did not stop within {STOP_GRACE_S:.0f} s; ending it")
+                got.append((got[0][0], now))
+                _signal(proc, signal.SIGTERM, whole_group)
+            elif got and not (asked and len(got) == 1) and now - got[-1][1] > KILL_AFTER_S:
+                _signal(proc, signal.SIGKILL, True)
+
+
+def _training_since(out: Path, started: float) -> bool:
+    """Whether the job trains: its metrics.jsonl was written after `started` (rank 0 opens it
+    just before the first step). Before that there is nothing to checkpoint."""
+    try:
+        return (out / "metrics.jsonl").stat().st_mtime >= started - 1.0
+    except OSError:
+        return False
 
 
 def _signal(proc: subprocess.Popen, signum: int, whole_group: bool) -> None:

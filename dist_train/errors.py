@@ -5,9 +5,13 @@ every worker is aborted) is decided in one place: failures.py.
   an --out in use); its message is one line.
 - `TrainingError`: training cannot go on (non-finite loss, parameters drifted apart);
   every worker raises it at the same step, so no one is left waiting.
+- `Preempted`: a stop was asked (a signal, the stop file); every worker stops at the
+  same step, after rank 0 checkpointed it.
 - `PeerFailure`: another worker died, stalled or left; this worker's failure is a
   consequence of it, and the message names that other worker.
 """
+
+import signal
 
 
 class UserError(Exception):
@@ -46,6 +50,23 @@ class TrainingError(RuntimeError):
     at the same step, so no one is left waiting."""
 
     collective = True
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary because a stop was asked (preempt.py); rank 0
+    checkpointed that step. Every worker raises it at the same step; it exits 128 + the
+    signal."""
+
+    collective = True
+
+    def __init__(self, signum: int, step: int, where: str, rank: int | None = None):
+        self.signum, self.step = signum, step
+        asked = f" (asked of rank {rank})" if rank is not None else ""
+        super().__init__(f"stopped by {signal.Signals(signum).name}{asked} at step {step}: {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class PeerFailure(RuntimeError):

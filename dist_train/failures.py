@@ -12,7 +12,8 @@ leaving the process); the same failure exits with the same code under every laun
 | a peer failed first | PeerFailure | 1 | yes | `error: <the peer and what happened to it>; aborting ...` |
 | a worker left early | SystemExit in training, or its process gone | 1 | yes | `error: rank R exited at step S; aborting ...` |
 | a worker stalled or froze | the watchdog | 1 | yes | `error: rank(s) R stalled: ...` |
-| interrupted | KeyboardInterrupt | 130 | yes | `error: interrupted at step S` |
+| stopped by a signal (preempt.py) | Preempted (collective) | 128 + signal | no | `[dist-train] stopped by SIGTERM at step S: checkpoint ...` |
+| interrupted (a second signal) | KeyboardInterrupt | 130 | yes | `error: interrupted at step S` |
 
 "Collective" failures are raised by every worker at the same point, so each leaves on its
 own and only one of them (rank 0, or the one that knows most) says the line.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import sys
 import threading
 import time
@@ -29,7 +32,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import PeerFailure, TrainingError, UserError, first_line
+from .errors import PeerFailure, Preempted, TrainingError, UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ PEER = Kind("a peer failed", 1, abort=True)
 EXITED = Kind("a worker exited", 1, abort=True)
 STALLED = Kind("a worker stalled", 1, abort=True)
 INTERRUPTED = Kind("interrupted", 130, abort=True)
+PREEMPTED = Kind("stopped by a signal", 128 + 15, abort=False)  # 128 + the signal: Preempted.exit_code
 
 
 class Progress:
@@ -88,6 +92,8 @@ def kind_of(e: BaseException) -> Kind:
         return BAD_INPUT_EVERYWHERE if e.collective else BAD_INPUT
     if isinstance(e, TrainingError):
         return STOPPED
+    if isinstance(e, Preempted):
+        return PREEMPTED
     if isinstance(e, PeerFailure):
         return PEER
     if isinstance(e, SystemExit):
@@ -102,9 +108,12 @@ _KINDS_BY_NAME = {"UserError": BAD_INPUT, "ConfigError": BAD_INPUT, "DataError":
                   "SystemExit": EXITED, "KeyboardInterrupt": INTERRUPTED}
 
 
-def exit_code_of(type_name: str) -> int:
-    """The exit code of a failure known only by its exception's name (a Spark task's
-    error reaches the driver as text)."""
+def exit_code_of(type_name: str, message: str = "") -> int:
+    """The exit code of a failure known only by its exception's name and message (a Spark
+    task's error reaches the driver as text)."""
+    if type_name == "Preempted":
+        found = re.search(r"stopped by (SIG[A-Z0-9]+)", message)
+        return 128 + int(getattr(signal, found.group(1), signal.SIGTERM) if found else signal.SIGTERM)
     return _KINDS_BY_NAME.get(type_name, RAISED).exit_code
 
 
@@ -113,7 +122,8 @@ def lines_for(e: BaseException, rank: int, world: int) -> list[str]:
     kind = kind_of(e)
     step = PROGRESS.step
     if not kind.abort:
-        return [f"error: {e}"] if rank == getattr(e, "speaker", 0) else []
+        said = f"[dist-train] {e}" if kind is PREEMPTED else f"error: {e}"
+        return [said] if rank == getattr(e, "speaker", 0) else []
     everyone = f"; aborting all {world} ranks" if world > 1 else ""
     if kind is BAD_INPUT:
         return [f"error: [rank {rank}] {e}" if world > 1 else f"error: {e}"]
@@ -152,7 +162,7 @@ def handle(e: BaseException, *, rank: int, world: int, abort: Callable[[int], No
         say(*lines_for(e, rank, world))
     if kind.abort and world > 1:
         abort_world(abort, kind.exit_code)
-    return kind.exit_code
+    return e.exit_code if isinstance(e, Preempted) else kind.exit_code
 
 
 def abort_world(abort: Callable[[int], None], code: int) -> None:

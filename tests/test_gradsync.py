@@ -1,6 +1,7 @@
 """Oracle: gradients averaged over simulated ranks equal the whole batch's gradient."""
 
 import copy
+import signal
 
 import pytest
 import torch
@@ -79,6 +80,22 @@ def test_non_finite_losses_are_flagged_with_their_ranks_and_the_samples_summed()
         assert stats.nonfinite_ranks == (1, 3) and stats.loss != stats.loss  # NaN
         assert stats.count == 10 and stats.metrics == ((6, 4), (12, 12))
         assert stats.waited == pytest.approx(0.3 - 0.1 * r)  # from the last one's arrival, told apart on every rank
+
+
+def test_a_stop_asked_of_any_worker_reaches_every_worker_in_the_same_step():
+    model = make_model()
+
+    def rank(comm):
+        fused = FusedGrads(copy.deepcopy(model), comm)
+        fused.zero()
+        stop = {1: int(signal.SIGTERM), 2: int(signal.SIGUSR1)}.get(comm.rank, 0)
+        asked = fused.sync(comm, 1, 1.0, stop=stop)
+        fused.zero()
+        return asked, fused.sync(comm, 1, 1.0)  # and the next step asks nothing
+
+    for asked, after in run_threads(3, rank):
+        assert asked.stop == ((1, signal.SIGTERM), (2, signal.SIGUSR1)) and not asked.nonfinite_ranks
+        assert after.stop == ()
 
 
 def test_broadcast_makes_parameters_equal_to_rank_0():

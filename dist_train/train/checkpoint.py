@@ -59,7 +59,7 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step-{step:08d}.pt"
+    path = directory / name(step)
     digest = atomic_save(path, state)
     atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
     older = [p for p in listing(directory) if p != path and p.name < path.name]  # never newer ones
@@ -67,6 +67,10 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
+
+
+def name(step: int) -> str:
+    return f"step-{step:08d}.pt"
 
 
 def listing(directory: str | Path) -> list[Path]:

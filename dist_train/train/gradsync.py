@@ -6,7 +6,7 @@ gradients sit a few statistics of the local batch, summed in the same collective
 
     [ grads ... | loss sum | samples | the previous step's data, compute, exchange and wait
                 seconds | each metric's (sum, count) | each rank's arrival at the exchange
-                | each rank's non-finite flag ]
+                | each rank's non-finite flag | the signal each rank was asked to stop with ]
 
 Where the mean is taken: each worker multiplies its summed loss by 1 / (the step's
 global sample count) before backward, so the allreduce's sum *is* the mean over the
@@ -43,6 +43,7 @@ class StepStats:
     loss: float  # mean loss over the global batch (NaN if a worker's was not finite)
     metrics: tuple[tuple[float, float], ...] = ()  # each metric's (sum, count) over the global batch (logged steps)
     nonfinite_ranks: tuple[int, ...] = ()  # workers whose loss was NaN or Inf
+    stop: tuple[tuple[int, int], ...] = ()  # (rank, signal) of each worker asked to stop (preempt.py)
     times: tuple[float, ...] = (0.0,) * len(TIMES)  # the previous step's seconds (TIMES), summed over workers
     waited: float = 0.0  # this worker's wait at the exchange for the last one to arrive
 
@@ -75,7 +76,7 @@ class FusedGrads:
             in_place_min_bytes = IN_PLACE_MIN_BYTES_ALONE if self.alone else IN_PLACE_MIN_BYTES
         self.in_place: list[models.Linear] = _in_place_layers(model, in_place_min_bytes) if grads_in_place else []
         self.metric_slots = 2 * metrics
-        tail = FIXED + self.metric_slots + 2 * self.world
+        tail = FIXED + self.metric_slots + 3 * self.world
         if self.alone:
             kept = [p for m in self.in_place for p in m.parameters(recurse=False)]
             _grads_into(kept, torch.zeros(sum(p.numel() for p in kept), dtype=dtype, device=device))
@@ -108,11 +109,12 @@ class FusedGrads:
             layer.grads_written = False
 
     def sync(self, comm, samples: int, loss_sum, metrics=(), times=(0.0,) * len(TIMES),
-             arrived: float = 0.0) -> StepStats:
+             arrived: float = 0.0, stop: int = 0) -> StepStats:
         """Sum the (already mean-scaled) gradients and the stats over all workers.
         `samples`, `loss_sum`: this worker's batch; `metrics`: its (sum, count) of each
         metric, flat, or () on a step that logs none; `times`: its seconds of the previous
-        step (TIMES); `arrived`: seconds from the step's start to here."""
+        step (TIMES); `arrived`: seconds from the step's start to here; `stop`: the signal
+        this worker was asked to stop with, 0 if none."""
         for layer in self.in_place:
             if not layer.grads_written:  # backward did not reach it: zeros, as a cleared buffer holds
                 for p in layer.parameters(recurse=False):
@@ -126,6 +128,7 @@ class FusedGrads:
         ranks = FIXED + self.metric_slots
         tail[ranks + self.rank] = arrived
         tail[ranks + self.world + self.rank] = 0.0 if math.isfinite(loss_sum) else 1.0
+        tail[ranks + 2 * self.world + self.rank] = stop
         if self._tail_np is None:
             self.tail.copy_(self._tail_host_t, non_blocking=True)
         if self.alone:  # a parameter backward did not reach gets zeros, as the views would hold
@@ -155,10 +158,11 @@ class FusedGrads:
         loss, count = summed[0], int(round(summed[1]))
         world, at = self.world, FIXED + self.metric_slots
         metrics = tuple(zip(summed[FIXED:at:2], summed[FIXED + 1:at:2]))
-        ranks = tuple(r for r, flag in enumerate(summed[at + world:]) if flag > 0.5)
+        ranks = tuple(r for r, flag in enumerate(summed[at + world:at + 2 * world]) if flag > 0.5)
+        stop = tuple((r, int(round(signum))) for r, signum in enumerate(summed[at + 2 * world:]) if signum > 0.5)
         mean = float("nan") if ranks else (loss / count if count else 0.0)
         waited = max(max(summed[at:at + world]) - arrived, 0.0)
-        return StepStats(count, mean, metrics, ranks, tuple(summed[2:FIXED]), waited)
+        return StepStats(count, mean, metrics, ranks, stop, tuple(summed[2:FIXED]), waited)
 
 
 def _grads_into(params: list, buf: torch.Tensor) -> dict:

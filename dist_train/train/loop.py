@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import config, failures, models
-from ..errors import UserError
+from .. import config, failures, models, preempt
+from ..errors import Preempted, UserError
 from ..comm import gpu
 from ..data import sharding
 from ..device import Choice, for_worker
@@ -73,6 +73,7 @@ class Run:
     choice: Choice | None = None  # how this worker's device was chosen
     devices: str = ""  # every worker's device (a world with a GPU in it)
     stopped_by: str = "epochs"
+    stop: tuple = ()  # (rank, signal) of each worker asked to stop, as the step's tail told all
 
     @property
     def total_steps(self) -> int:
@@ -99,12 +100,16 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
     run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, choice=choice,
                 threads=threads, fence=fence, quiet=quiet, given=(model, loss), on_record=on_record)
     failures.PROGRESS.training = True  # from here a worker that leaves fails the job
+    stop_file = run.writer.out / preempt.STOP_FILE if run.writer.active else None  # rank 0 looks for it
     try:
-        while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
-            run_epoch(run)
+        with preempt.catching(stop_file):
+            while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
+                run_epoch(run)
+            if run.stop:
+                stop(run)
         return finish(run, write_outputs)
-    except BaseException:
-        run.writer.tracking_failed()  # the MLflow run says FAILED, not RUNNING forever
+    except BaseException as e:
+        run.writer.tracking_failed(killed=isinstance(e, Preempted))  # MLflow: KILLED or FAILED, not RUNNING
         raise
 
 
@@ -192,6 +197,8 @@ def advance(run: Run, stats, lr: float, last_of_epoch: bool) -> None:
         check_parameters(run.comm, run.model, pos.step)
     if t.target_loss is not None and stats.loss <= t.target_loss:
         run.stopped_by = "target_loss"  # the same global loss on every worker: all stop together
+    if stats.stop:
+        run.stopped_by, run.stop = "signal", stats.stop  # every worker saw the same tail: all stop here
     if t.log_every and pos.step % t.log_every == 0:
         rec = step_record(run, stats, lr)
         writer.metric(rec)
@@ -209,6 +216,22 @@ def advance(run: Run, stats, lr: float, last_of_epoch: bool) -> None:
         writer.checkpoint(pos.step, state, cfg.checkpoint.keep)
     if pos.batch == 0:  # the epoch just ended
         writer.metric(epoch_record(pos))
+
+
+def stop(run: Run) -> None:
+    """A stop was asked (preempt.py): the checkpoint of the step every worker just finished
+    (unless it was written already), then every worker raises Preempted."""
+    pos, cfg = run.pos, run.cfg
+    run.clock.stop()
+    if not (cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0):
+        settle_buffers(run.comm, run.model)  # dist: one set of BatchNorm statistics in the checkpoint
+        run.writer.checkpoint(pos.step, checkpoint_state(run.model, run.optimizer, pos, cfg, run.comm.world_size,
+                                                         run.scaler), cfg.checkpoint.keep)
+    run.writer.close()
+    rank, signum = run.stop[0]
+    where = (f"checkpoint {run.writer.checkpoint_dir / checkpoint.name(pos.step)} written; continue with --resume"
+             if run.writer.checkpoint_dir is not None else "no --out, so nothing was saved")
+    raise Preempted(signum, pos.step, where, rank if run.comm.world_size > 1 else None)
 
 
 def finish(run: Run, write_outputs: bool) -> Result:

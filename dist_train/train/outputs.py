@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import config, models
+from .. import config, models, preempt
 from ..data.items import from_jsonable
 from ..errors import UserError, first_line
 from ..files import atomic_write
@@ -102,6 +102,7 @@ class RunWriter:
         """Open metrics.jsonl; on resume keep only the lines up to the checkpoint's step."""
         if not self.active:
             return
+        preempt.clear(self.out)  # an earlier attempt's stop request is not this one's
         path = self.out / "metrics.jsonl"
         if resumed_step is None:
             atomic_write(path, b"")
@@ -138,9 +139,9 @@ class RunWriter:
             self.tracker.finish(summary, model_payload)
             self.tracker = None
 
-    def tracking_failed(self) -> None:
+    def tracking_failed(self, killed: bool = False) -> None:
         if self.tracker is not None:
-            self.tracker.failed()
+            self.tracker.failed("KILLED" if killed else "FAILED")
             self.tracker = None
 
     def metric(self, record: dict) -> None:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .. import failures, models
+from .. import failures, models, preempt
 from ..errors import TrainingError
 from .gradsync import TIMES, StepStats
 
@@ -48,7 +48,8 @@ class Step:
         samples, loss_sum, measured, t_data = self._forward_backward(micro, start, logged)
         t2 = time.perf_counter()
         # dist: a worker whose shard is used up still joins the step, with zeros
-        stats = self.grads.sync(self.comm, samples, loss_sum, measured, self.last_times, arrived=t2 - since)
+        stats = self.grads.sync(self.comm, samples, loss_sum, measured, self.last_times, arrived=t2 - since,
+                                stop=preempt.asked())  # dist: a stop asked of any worker reaches all at this step
         t3 = self.since = time.perf_counter()
         if stats.count != count and count < self.grads.exact_counts:  # the same plan everywhere: other data?
             raise TrainingError(f"step {number}: the workers' batches hold {stats.count} samples, the plan says "

@@ -71,9 +71,10 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
 
-    def failed(self) -> None:
+    def failed(self, status: str = "FAILED") -> None:
+        """The run ended without finishing: FAILED, or KILLED (stopped by a signal, to resume)."""
         try:
-            self.client.set_terminated(self.run_id, "FAILED")
+            self.client.set_terminated(self.run_id, status)
         except Exception:  # noqa: BLE001 - the job is failing already: its own error is the one to tell
             pass
 

@@ -22,13 +22,16 @@ launcher's modules are the only ones that import pyspark.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from ... import config, data, device, failures, models, usercode
+from ... import config, data, device, failures, models, preempt, usercode
 from ...errors import ConfigError, UserError
 from ...files import OutLock, atomic_write, check_unlocked
 from ...train import Result, tracking, validate
@@ -37,7 +40,7 @@ from ...train.outputs import prepare_out_dir, write_final
 from ..common import job_parser, out_dir
 from . import feed, progress
 from .session import session
-from .task import RESULT_SCHEMA, Gpus, TrainTask
+from .task import RESULT_SCHEMA, STOPPED_CHUNK, Gpus, TrainTask
 
 
 class TrainingFailed(RuntimeError):
@@ -47,7 +50,8 @@ class TrainingFailed(RuntimeError):
     def __init__(self, line: str):
         super().__init__(line)
         kind = re.match(r"\[rank \d+\] (\w+):", line)
-        self.exit_code = failures.exit_code_of(kind.group(1)) if kind else 1
+        self.exit_code = failures.exit_code_of(kind.group(1), line) if kind else 1
+        self.preempted = kind is not None and kind.group(1) == "Preempted"  # stopped as asked: no retry
 
 
 # ---------------------------------------------------------------- before the job
@@ -287,19 +291,47 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
         task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given, addresses, gpus)
         log(f"[dist-train] spark: starting {world} barrier tasks (attempt {attempt})")
         try:
-            chunks = shards.mapInArrow(task, RESULT_SCHEMA, barrier=True).collect()
+            with _stop_requests(out):
+                chunks = shards.mapInArrow(task, RESULT_SCHEMA, barrier=True).collect()
             break
         except Exception as e:  # noqa: BLE001 - Py4JJavaError and friends: find the rank's message
-            cause = task_error(e)
-            if attempt == cfg.spark.max_attempts:
-                raise TrainingFailed(cause) from None
+            failed = TrainingFailed(task_error(e))
+            if attempt == cfg.spark.max_attempts or failed.preempted:
+                raise failed from None
+            cause = str(failed)
             failures.say(f"[dist-train] spark: attempt {attempt} failed: {cause}; retrying from the newest checkpoint")
             resume = True
         finally:
             if follower is not None:
                 follower.stop()
+    stopped = [row["payload"].decode() for row in chunks if row["chunk"] == STOPPED_CHUNK]
+    if stopped:
+        raise TrainingFailed(f"[rank 0] Preempted: {stopped[0]}")
     payload = b"".join(row["payload"] for row in sorted(chunks, key=lambda row: row["chunk"]))
     return _result(cfg, source, load_bytes(payload), out, world, log, given.get("model"))
+
+
+@contextlib.contextmanager
+def _stop_requests(out: Path | None):
+    """While the barrier job runs: a signal to this driver asks the tasks to checkpoint and
+    stop (the stop file in --out, which rank 0 looks for); a second one, or one without an
+    --out to write it in, interrupts at once (Spark then cancels the job)."""
+    if out is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def caught(signum, frame):
+        if (out / preempt.STOP_FILE).exists():
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        preempt.ask(out, signum)
+        failures.say(f"[dist-train] spark: {signal.Signals(signum).name}: asked the tasks to checkpoint and stop")
+
+    previous = {s: signal.signal(s, caught) for s in preempt.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given_model=None) -> Result:
@@ -343,7 +375,7 @@ def _submit(argv) -> None:
     try:
         train(spark, cfg, out_dir=out, resume=args.resume)
     except TrainingFailed as e:
-        failures.say(f"error: {e}")
+        failures.say(re.sub(r"^\[rank \d+\] Preempted: ", "[dist-train] ", str(e)) if e.preempted else f"error: {e}")
         raise SystemExit(e.exit_code) from None
     finally:
         spark.stop()

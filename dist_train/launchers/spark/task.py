@@ -18,7 +18,7 @@ from pathlib import Path
 from ... import data, device, failures
 from ...comm import connect
 from ...comm.env import Environment
-from ...errors import PeerFailure, first_line
+from ...errors import PeerFailure, Preempted, first_line
 from ...train import fit
 from . import feed, progress
 
@@ -27,6 +27,7 @@ WATCHDOG_GRACE_S = 10.0  # after the watchdog named a stalled peer, the task's o
 
 
 RESULT_SCHEMA = "chunk int, payload binary"
+STOPPED_CHUNK = -1  # rank 0's row when the job stopped on a request (preempt.py): the payload is its line
 RESULT_CHUNK = 32 << 20  # rank 0's model and summary travel in pieces (spark.driver.maxResultSize bounds a collect)
 
 
@@ -63,6 +64,11 @@ class TrainTask:
         failures.exit_with_parent(f"rank {rank}")  # the executor gone: do not train on
         try:
             result = self._train(ctx, rank, batches)
+        except Preempted as e:  # stopped as asked, every task alike: no task failure (and no retry) for Spark
+            if rank == 0:
+                yield pa.record_batch({"chunk": pa.array([STOPPED_CHUNK], pa.int32()),
+                                       "payload": pa.array([str(e).encode()], pa.binary())})
+            return
         except BaseException as e:  # noqa: BLE001 - the driver gets one line naming the rank and the cause
             raise RuntimeError(_report(e, rank)) from None
         finally:
