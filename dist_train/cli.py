@@ -28,7 +28,9 @@ from typing import Callable
 
 from . import config, device, failures, preempt, usercode
 from .errors import UserError
+from .files import ATTEMPT_ENV, ATTEMPT_NAME, claim_attempt
 from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
+from .train import checkpoint
 from .train.outputs import PROGRESS_ENV
 
 KILL_AFTER_S = 15.0  # after forwarding a signal, what is still running then is killed
@@ -42,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     mpi = add_job_args(sub.add_parser("mpi", help="train with mpirun -n N"))
     mpi.add_argument("-n", "--np", type=int, required=True, dest="n", help="number of ranks")
     mpi.add_argument("--mpirun-arg", action="append", default=[], help="extra argument for mpirun (repeatable)")
+    mpi.add_argument("--max-restarts", type=int, metavar="N",
+                     help="after a failure, start again from the newest checkpoint up to N times "
+                          "(default: the config's mpi.max_restarts, 0)")
     spark = add_job_args(sub.add_parser("spark", help="train as a Spark barrier job (spark-submit)"))
     spark.add_argument("--master", help="Spark master URL (default: spark-submit's)")
     spark.add_argument("--spark-arg", action="append", default=[], help="extra argument for spark-submit")
@@ -94,16 +99,37 @@ def _mpi(args) -> int:
 
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")
+    if args.max_restarts is not None and args.max_restarts < 0:
+        raise UserError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     args.out = args.out or default_out(args.config)
     job = prepare(args, args.n, lock="check")  # refuse bad input, or an --out in use, before any rank starts
     if _ranks_here(args.mpirun_arg, os.environ):
         device.preflight(job.cfg, args.n)  # e.g. cuda:0 for 2 ranks: one line here, not MPI_ABORT on each rank
     env = dict(os.environ)
     env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
-    cmd = mpi.command(args.n, mpi.program(job_argv(args)), args.mpirun_arg, env=env)
-    failures.say("+ " + " ".join(cmd))
     relay = None if _ranks_here(args.mpirun_arg, os.environ) else _usr1  # ranks elsewhere may not see the stop file
-    return supervise(cmd, env, whole_group=False, out=Path(args.out), relay=relay)
+    restarts = job.cfg.mpi.max_restarts if args.max_restarts is None else args.max_restarts
+    for attempt in range(1, restarts + 2):
+        if restarts:
+            env[ATTEMPT_ENV] = str(attempt)
+            claim_attempt(args.out, attempt)  # an older attempt's rank 0 can no longer write there
+        cmd = mpi.command(args.n, mpi.program(job_argv(args)), args.mpirun_arg, env=env)
+        failures.say("+ " + " ".join(cmd))
+        code, signalled = _supervise(cmd, env, whole_group=False, out=Path(args.out), relay=relay)
+        if code in FINAL_CODES or signalled or attempt > restarts:
+            break
+        args.resume = bool(checkpoint.listing(Path(args.out) / "checkpoints"))
+        start = "the newest checkpoint" if args.resume else "the start (no checkpoint yet: checkpoint.every_steps)"
+        failures.say(f"[dist-train] mpi: attempt {attempt} failed (exit {code}); restarting from {start}, "
+                     f"attempt {attempt + 1} of {restarts + 1}")
+    if restarts:
+        (Path(args.out) / ATTEMPT_NAME).unlink(missing_ok=True)
+    return code
+
+
+# exits a restart would only repeat: success, bad input, training stopped on purpose, a stop asked by a signal
+FINAL_CODES = {0, failures.BAD_INPUT.exit_code, failures.STOPPED.exit_code,
+               *(128 + s for s in preempt.SIGNALS)}
 
 
 def _usr1(proc: subprocess.Popen) -> None:
@@ -188,6 +214,12 @@ COMMANDS = {"local": _local, "mpi": _mpi, "spark": _spark, "config": _config, "p
 
 def supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None = None,
               relay: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """_supervise's exit code."""
+    return _supervise(cmd, env, whole_group=whole_group, out=out, relay=relay)[0]
+
+
+def _supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None = None,
+               relay: Callable[[subprocess.Popen], None] | None = None) -> tuple[int, bool]:
     """Run `cmd` in a session of its own and wait for it; this process returns its exit code.
 
     A first SIGINT, SIGTERM, SIGHUP or SIGUSR1 to this process, once the job trains (its
@@ -197,7 +229,8 @@ def supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None 
     up: SIGTERM (`whole_group`: every process of its group, as spark-submit's JVM, driver
     and Python workers are; else the child only, as mpirun ends its ranks itself), and
     what still runs KILL_AFTER_S later is killed; this process then returns 128 + the
-    signal. If this process dies, the child gets SIGTERM (Linux)."""
+    signal. If this process dies, the child gets SIGTERM (Linux). Returns (the exit code,
+    whether this process was signalled)."""
     got: list[tuple[int, float]] = []
     proc, started, asked = None, time.time(), []
 
@@ -226,10 +259,10 @@ def supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None 
             signal.signal(s, handler)
     _signal(proc, signal.SIGKILL, True)  # anything of its group left behind (it is gone itself)
     if not got or (asked and len(got) == 1):  # the job's own end (128 + the signal: it stopped as asked)
-        return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
+        return (code if code >= 0 else 128 - code), bool(got)  # killed by a signal: the shell's convention
     failures.say(f"error: interrupted by {signal.Signals(got[0][0]).name}: {Path(cmd[0]).name} and its workers "
-                     f"were stopped")
-    return 128 + got[0][0]
+                 f"were stopped")
+    return 128 + got[0][0], True
 
 
 def _wait(proc: subprocess.Popen, got: list, asked: list, whole_group: bool) -> int:

@@ -218,6 +218,9 @@ KEYS: tuple[Key, ...] = (
         "round robin (gradients then go through host memory) instead of refusing"),
     Key("comm.nccl", bool, True, "workers each on a GPU of their own sum gradients with NCCL on the device "
         "(false: through host memory, as CPU workers do)"),
+    # mpi
+    Key("mpi.max_restarts", int, 0, "dist-train mpi: after a failure, start the job again from the newest "
+        "checkpoint up to N times (--max-restarts; a plain mpirun cannot restart itself)", check=_non_negative),
     # spark
     Key("spark.workers", int, 2, "number of barrier tasks (the world size under Spark)", check=_positive),
     Key("spark.max_attempts", int, 1, "driver-side retries of the whole job from the newest checkpoint",

@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -44,6 +45,24 @@ def atomic(path: str | Path):
 def atomic_write(path: str | Path, data: bytes) -> None:
     with atomic(path) as f:
         f.write(data)
+
+
+ATTEMPT_NAME = ".attempt"  # the attempt of a restarted job that owns --out (dist-train mpi, Spark)
+ATTEMPT_ENV = "DIST_TRAIN_ATTEMPT"  # which attempt a worker of a restarted MPI job belongs to
+
+
+def claim_attempt(out: str | Path, attempt: int) -> None:
+    """Make `attempt` the one that owns `out`: an older attempt's rank 0 no longer writes there."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out) / ATTEMPT_NAME, str(attempt).encode())
+
+
+def attempt_fence(out: str | Path | None, attempt) -> Callable[[], bool] | None:
+    """For RunWriter: whether attempt `attempt` still owns `out` (None: no attempts to tell apart)."""
+    if out is None or attempt is None:
+        return None
+    marker, mine = Path(out) / ATTEMPT_NAME, str(attempt)
+    return lambda: marker.exists() and marker.read_text().strip() == mine
 
 
 LOCK_NAME = ".lock"

@@ -101,6 +101,7 @@ def _caught(signum, frame):
     if REQUEST.signum:  # asked twice: now
         raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
     REQUEST.signum = signum
-    with contextlib.suppress(OSError):
-        os.write(2, f"[dist-train] {signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                    f"(again to stop at once)\n".encode())
+    if os.isatty(2):  # Ctrl-C at a terminal: say it was heard (a step may take a while); not in a log
+        with contextlib.suppress(OSError):
+            os.write(2, f"[dist-train] {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                        f"(again to stop at once)\n".encode())

@@ -18,6 +18,7 @@ import sys
 from .. import device, failures
 from ..comm import connect
 from ..errors import UserError
+from ..files import ATTEMPT_ENV, attempt_fence
 from ..train import fit
 from ..train.outputs import PROGRESS_ENV
 from .common import find_executable, job_parser, prepare, prepare_everywhere
@@ -45,6 +46,11 @@ def _train(world, argv) -> None:
 
     job = prepare_everywhere(world, make_job)
     cfg = job.cfg
+    attempt = os.environ.get(ATTEMPT_ENV)  # set by dist-train mpi, which restarts a failed job
+    if cfg.mpi.max_restarts and attempt is None and world.rank == 0:
+        failures.say(f"warning: mpi.max_restarts={cfg.mpi.max_restarts} does nothing under a plain mpirun, which "
+                     f"cannot restart itself: use dist-train mpi (--max-restarts), or your scheduler's requeue "
+                     f"with --resume")
     comm = connect(env, timeout_s=cfg.comm.timeout_s, shm=cfg.comm.shm, base=world,
                    fail=lambda line: (failures.say(line), mpi.abort(1)))
     threads = device.set_threads(device.thread_budget(local_workers=env.local_size, override=cfg.threads,
@@ -52,7 +58,7 @@ def _train(world, argv) -> None:
     try:
         with failures.leaving(comm):
             fit(cfg, comm, job.worker_data(), out_dir=job.out, resume=job.resume, launcher="mpi",
-                device=job.device, threads=threads)
+                device=job.device, threads=threads, fence=attempt_fence(job.out, attempt))
     finally:
         if job.lock is not None:
             job.lock.release()
@@ -75,8 +81,9 @@ def command(n: int, program: list[str], extra: list[str] = (), cores: int | None
         cmd.append("--oversubscribe")
     if is_root:
         cmd.append("--allow-run-as-root")
-    if PROGRESS_ENV in (os.environ if env is None else env):
-        cmd += ["-x", PROGRESS_ENV]  # mpirun gives ranks a pty: pass on whether *our* output is a terminal
+    for name in (PROGRESS_ENV, ATTEMPT_ENV):  # mpirun gives ranks a pty: pass on whether *our* output is a
+        if name in (os.environ if env is None else env):  # terminal; and which attempt of a restarted job this is
+            cmd += ["-x", name]
     return cmd + list(extra) + [str(c) for c in program]
 
 

@@ -63,7 +63,9 @@ def restore(ckpt: dict, model, optimizer, cfg, world_size: int, scaler=None) -> 
                             f"{new.get(key)!r}")
     if ckpt.get("world_size") != world_size and cfg.data.sampling == "shard":
         raise UserError(f"--resume: the checkpoint was trained by {ckpt.get('world_size')} workers with "
-                        f"data.sampling shard; resume with the same world size or use global sampling")
+                        f"data.sampling shard, which ties each worker's rows to the world size: resume with "
+                        f"{ckpt.get('world_size')} workers (a run that must survive a change of world size "
+                        f"trains with data.sampling: global from its start)")
     torch.set_rng_state(ckpt["rng"])
     device = _device(model)
     if device.type == "cuda" and "cuda_rng" in ckpt:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ... import config, data, device, failures, models, preempt, usercode
 from ...errors import ConfigError, UserError
-from ...files import OutLock, atomic_write, check_unlocked
+from ...files import ATTEMPT_NAME, OutLock, check_unlocked, claim_attempt
 from ...train import Result, tracking, validate
 from ...train.checkpoint import load_bytes
 from ...train.outputs import prepare_out_dir, write_final
@@ -282,7 +282,7 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
     shards = feed.shard(spark, source, world)
     for attempt in range(1, cfg.spark.max_attempts + 1):
         if out is not None:
-            atomic_write(out / ".attempt", str(attempt).encode())  # fences off older attempts
+            claim_attempt(out, attempt)  # fences off older attempts
         if out is not None:  # rank 0 writes metrics.jsonl where the driver can read it
             follower, addresses = progress.FileFollower(out / "metrics.jsonl", log), None
         else:  # rank 0 sends its records to the driver
@@ -340,7 +340,7 @@ def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given
     result = Result(payload["model"]["state_dict"], payload["summary"], model)
     if out is not None:
         write_final(out, payload["model"], payload["summary"])
-        (out / ".attempt").unlink(missing_ok=True)
+        (out / ATTEMPT_NAME).unlink(missing_ok=True)
     log(f"[dist-train] spark: done: {result.summary['steps']} steps on {world} workers, eval "
         f"{result.summary['eval']}" + (f", outputs in {out}" if out else ""))
     return result

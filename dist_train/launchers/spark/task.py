@@ -13,12 +13,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from ... import data, device, failures
 from ...comm import connect
 from ...comm.env import Environment
 from ...errors import PeerFailure, Preempted, first_line
+from ...files import attempt_fence
 from ...train import fit
 from . import feed, progress
 
@@ -92,7 +92,7 @@ class TrainTask:
         try:
             with failures.leaving(comm):
                 return fit(self.cfg, comm, shard, out_dir=self.out, resume=self.resume, launcher="spark",
-                           device=choice, threads=threads, write_outputs=False, fence=self._fence(),
+                           device=choice, threads=threads, write_outputs=False, fence=attempt_fence(self.out, self.attempt),
                            quiet=True,  # the driver shows the progress (metrics.jsonl, or what rank 0 sends)
                            model=self.given.get("model"), loss=self.given.get("loss"), on_record=sender)
         except BaseException as e:
@@ -123,13 +123,6 @@ class TrainTask:
         items = data.load(self.cfg, self.given.get("data"))
         items.outputs = self.source.outputs
         return items
-
-    def _fence(self):
-        if self.out is None:
-            return None
-        marker, attempt = Path(self.out) / ".attempt", str(self.attempt)
-        return lambda: marker.exists() and marker.read_text().strip() == attempt
-
 
 def _report(e: BaseException, rank: int) -> str:
     """`[rank R] Kind: cause` (the failure table's kind, by the exception's name), then the traceback."""
