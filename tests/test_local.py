@@ -183,3 +183,55 @@ def test_resume_never_starts_a_fresh_run_silently(tmp_path):
     p = run_local("conf/xor.yaml", out, "train.epochs=40", resume=True)
     assert p.returncode == 2 and "every checkpoint in" in p.stderr and "is corrupt" in p.stderr, p.stderr
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("spoil", ["no rng", "rng a list", "position a string", "batch past the data",
+                                   "not a dict", "negative step"])
+def test_a_checkpoint_whose_content_is_malformed_counts_as_corrupt(spoil, tmp_path):
+    """Its checksum is valid (rewritten), its content is not a checkpoint: the previous one is used."""
+    out = tmp_path / "run"
+    ok(run_local("conf/xor.yaml", out, "train.epochs=20", "checkpoint.every_steps=5", "train.log_every=0"))
+    newest = checkpoint.listing(out / "checkpoints")[-1]
+    state = torch.load(newest, weights_only=False)
+    if spoil == "no rng":
+        del state["rng"]
+    elif spoil == "rng a list":
+        state["rng"] = [1, 2, 3]
+    elif spoil == "position a string":
+        state["position"] = "step 3"
+    elif spoil == "batch past the data":
+        state["position"]["batch"] = 10 ** 6
+    elif spoil == "not a dict":
+        state = [state]
+    else:
+        state["position"]["step"] = -1
+    checkpoint.save(out / "checkpoints", int(newest.stem.split("-")[1]), state, keep=3)  # a valid checksum
+    p = ok(run_local("conf/xor.yaml", out, "train.epochs=25", "checkpoint.every_steps=5", "train.log_every=0",
+                     resume=True))
+    assert f"checkpoint {newest} is malformed" in p.stdout + p.stderr and "trying the previous checkpoint" \
+        in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_resume_refuses_data_that_changed_and_a_run_already_past_its_end(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 4)).astype("float32"), rng.integers(0, 3, 200)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    sets = ["data.name=npz", f"data.path={tmp_path / 'd.npz'}", "model.hidden=[8]", "train.log_every=0",
+            "train.batch_size=32"]
+    out = tmp_path / "run"
+    ok(run_local("conf/digits.yaml", out, *sets, "train.epochs=3"))
+    p = run_local("conf/digits.yaml", out, *sets, "train.epochs=2", resume=True)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "error: --resume: the checkpoint (step 15) has trained 3 epochs, past train.epochs=2: nothing to train; "
+        "raise train.epochs to continue"), p.stderr
+    p = run_local("conf/digits.yaml", out, *sets, "train.epochs=9", "train.max_steps=10", resume=True)
+    assert p.returncode == 2 and "past train.max_steps=10" in p.stderr
+    np.savez(tmp_path / "d.npz", x=x[:150], y=y[:150])  # rows lost since
+    p = run_local("conf/digits.yaml", out, *sets, "train.epochs=6", resume=True)
+    assert p.returncode == 2 and "the data changed since the checkpoint: rows 200 then, 150 now" in p.stderr
+    x[0, 0] += 1  # one value changed in place
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    p = run_local("conf/digits.yaml", out, *sets, "train.epochs=6", resume=True)
+    assert p.returncode == 2 and "the data changed since the checkpoint: first rows " in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -94,11 +94,18 @@ def read_verified(path: Path) -> dict:
             raise UserError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from None
 
 
-def latest(directory: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> dict | None:
-    """The newest checkpoint that verifies, skipping (and naming) bad ones; None if none."""
+def latest(directory: str | Path, warn=lambda msg: print(msg, file=sys.stderr), check=None) -> dict | None:
+    """The newest checkpoint that verifies (and passes `check`, which raises UserError for
+    one whose content is malformed), skipping (and naming) bad ones; None if none."""
     for path in reversed(listing(directory)):
         try:
-            return read_verified(path)
+            state = read_verified(path)
+            if check is not None:
+                try:
+                    check(state)
+                except UserError as e:
+                    raise UserError(f"checkpoint {path} is malformed: {e}") from None
+            return state
         except UserError as e:
             warn(f"warning: {e}; trying the previous checkpoint")
     return None

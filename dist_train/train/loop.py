@@ -29,7 +29,7 @@ from .gradsync import FusedGrads, broadcast_parameters, settle_buffers
 from .optim import make_optimizer
 from .outputs import RunWriter, write_final
 from .scaler import LossScale
-from .state import Position, checkpoint_state, restore
+from .state import Position, checkpoint_state, restore, resumable, well_formed
 from .step import Step
 from .summary import done_line, epoch_record, step_record, summary
 
@@ -74,6 +74,7 @@ class Run:
     devices: str = ""  # every worker's device (a world with a GPU in it)
     stopped_by: str = "epochs"
     stop: tuple = ()  # (rank, signal) of each worker asked to stop, as the step's tail told all
+    fingerprint: dict = field(default_factory=dict)  # the data's (checkpoints keep it: a resume checks it)
 
     @property
     def total_steps(self) -> int:
@@ -131,24 +132,24 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads
                        tensorboard=cfg.log.tensorboard, on_record=on_record)
     scaler = LossScale(cfg.train.loss_scale, cfg.train.loss_scale_growth_every) \
         if cfg.train.precision == "fp16" else None
-    ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log) if resume and out_dir else None
-    if resume and out_dir and ckpt is None and checkpoint.listing(writer.checkpoint_dir):
-        raise UserError(f"--resume: every checkpoint in {writer.checkpoint_dir} is corrupt or unreadable; "
-                        f"nothing to continue from (drop --resume to start again)")
-    pos = restore(ckpt, model, optimizer, cfg, comm.world_size, scaler) if ckpt is not None else Position()
-    agree_at_start(comm, cfg, data.fingerprint(), pos.step)  # dist: one config, data and start, before any buffer
-    broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights
-    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision == "fp32",  # autocast: autograd's own path
-                       metrics=len(measures))
     plan = sharding.step_samples(n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=cfg.train.batch_size,
                                  accumulate=cfg.train.accumulate, eval_fraction=cfg.data.eval_fraction,
                                  sampling=cfg.data.sampling)
+    ckpt = newest_checkpoint(writer, len(plan) * cfg.train.accumulate) if resume and out_dir else None
+    pos = restore(ckpt, model, optimizer, cfg, comm.world_size, scaler) if ckpt is not None else Position()
+    fingerprint = data.fingerprint()
+    agree_at_start(comm, cfg, fingerprint, pos.step)  # dist: one config, data and start, before any buffer
+    if ckpt is not None:
+        resumable(ckpt, pos, fingerprint, cfg)  # every worker alike (they agree on data and config)
+    broadcast_parameters(comm, model)  # dist: every worker starts from rank 0's weights
+    grads = FusedGrads(model, comm, grads_in_place=cfg.train.precision == "fp32",  # autocast: autograd's own path
+                       metrics=len(measures))
     writer.start_metrics(pos.step if ckpt is not None else None)
     writer.start_tracking(cfg, ckpt.get("mlflow_run_id") if ckpt is not None else None, launcher, comm.world_size)
     step = Step(cfg, comm, model, optimizer, grads, loss, measures, device, writer.log, scaler)
     run = Run(cfg, comm, data, launcher, threads, device, model, optimizer, grads, writer, pos, ckpt is not None,
               plan, step, Clock(comm.world_size, pos.samples), started, loss, measures, given[0], scaler=scaler,
-              choice=choice, devices=devices)
+              choice=choice, devices=devices, fingerprint=fingerprint)
     writer.log(f"[dist-train] {launcher}: world {comm.world_size}, device {choice}"
                + (f"; {devices}" if devices else "") + ", "
                f"threads {threads or torch.get_num_threads()}, {data.n} rows, "
@@ -156,6 +157,17 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads
                + (f", resumed at step {pos.step} (epoch {pos.epoch})" if run.resumed else ""))
     model.train()
     return run
+
+
+def newest_checkpoint(writer: RunWriter, batches_per_epoch: int) -> dict | None:
+    """The newest checkpoint in --out that verifies and is well formed (the older ones are
+    tried in turn); UserError where there are checkpoints but none of them is usable."""
+    ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log,
+                             check=lambda c: well_formed(c, batches_per_epoch))
+    if ckpt is None and checkpoint.listing(writer.checkpoint_dir):
+        raise UserError(f"--resume: every checkpoint in {writer.checkpoint_dir} is corrupt or unreadable; "
+                        f"nothing to continue from (drop --resume to start again)")
+    return ckpt
 
 
 def run_epoch(run: Run) -> None:
@@ -211,11 +223,17 @@ def advance(run: Run, stats, lr: float, last_of_epoch: bool) -> None:
                         stats.loss, (pos.samples - run.clock.samples_at_start) / max(now - run.clock.start, 1e-9),
                         now - run.clock.epoch_start)
     if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
-        settle_buffers(run.comm, run.model)  # dist: one set of BatchNorm statistics in the checkpoint
-        state = checkpoint_state(run.model, run.optimizer, pos, cfg, run.comm.world_size, run.scaler)
-        writer.checkpoint(pos.step, state, cfg.checkpoint.keep)
+        save_checkpoint(run)
     if pos.batch == 0:  # the epoch just ended
         writer.metric(epoch_record(pos))
+
+
+def save_checkpoint(run: Run) -> None:
+    """Rank 0 checkpoints where training stands (every worker takes part: the buffers)."""
+    settle_buffers(run.comm, run.model)  # dist: one set of BatchNorm statistics in the checkpoint
+    state = checkpoint_state(run.model, run.optimizer, run.pos, run.cfg, run.comm.world_size, run.scaler,
+                             data=run.fingerprint)
+    run.writer.checkpoint(run.pos.step, state, run.cfg.checkpoint.keep)
 
 
 def stop(run: Run) -> None:
@@ -224,9 +242,7 @@ def stop(run: Run) -> None:
     pos, cfg = run.pos, run.cfg
     run.clock.stop()
     if not (cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0):
-        settle_buffers(run.comm, run.model)  # dist: one set of BatchNorm statistics in the checkpoint
-        run.writer.checkpoint(pos.step, checkpoint_state(run.model, run.optimizer, pos, cfg, run.comm.world_size,
-                                                         run.scaler), cfg.checkpoint.keep)
+        save_checkpoint(run)
     run.writer.close()
     rank, signum = run.stop[0]
     where = (f"checkpoint {run.writer.checkpoint_dir / checkpoint.name(pos.step)} written; continue with --resume"
@@ -238,10 +254,7 @@ def finish(run: Run, write_outputs: bool) -> Result:
     """The last checkpoint, evaluation, the summary and (rank 0) model.pt."""
     cfg, writer = run.cfg, run.writer
     run.clock.stop()
-    settle_buffers(run.comm, run.model)  # dist: every worker evaluates and saves the same statistics
-    writer.checkpoint(run.pos.step, checkpoint_state(run.model, run.optimizer, run.pos, cfg, run.comm.world_size,
-                                                   run.scaler),
-                      cfg.checkpoint.keep)
+    save_checkpoint(run)  # (and every worker evaluates and saves the same BatchNorm statistics)
     evaluation = evaluate(cfg, run.comm, run.model, run.data, run.device, run.loss, run.metrics)
     failures.PROGRESS.training, failures.PROGRESS.finished = False, True  # the last collective is behind us
     report = summary(run, evaluation, time.perf_counter() - run.started)

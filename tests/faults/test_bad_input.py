@@ -69,7 +69,8 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path):
     assert local("conf/xor.yaml", out, "train.epochs=3").returncode == 0
     p = local("conf/xor.yaml", out, "train.epochs=6", "model.hidden=[16]", resume=True)
     assert p.returncode == 2
-    assert p.stderr.strip().startswith("error: the checkpoint does not fit this model/optimizer")
+    assert p.stderr.strip().startswith("error: the checkpoint does not fit this model/optimizer: size mismatch for ")
+    assert "torch.Size([16, 2])" in p.stderr and not p.stderr.strip().endswith(":")
     assert len(p.stderr.strip().splitlines()) == 1
 
 
