@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predictions of a run's model for an .npz or Parquet input")
     pr.add_argument("run_dir")
     pr.add_argument("input")
-    pr.add_argument("--out", required=True, help="Parquet file to write (with --spark: a Parquet directory)")
+    pr.add_argument("--out", required=True, help="a .parquet or .csv file to write (with --spark: a Parquet "
+                    "directory)")
+    pr.add_argument("--probabilities", action="store_true", help="add each class's probability (p_CLASS columns)")
     pr.add_argument("--spark", action="store_true", help="predict on Spark executors, for a Parquet input too large "
                     "for one machine")
     pr.add_argument("--master", help="with --spark: the Spark master (default local[*])")
@@ -180,12 +182,14 @@ def _use(args) -> int:
     from . import use
 
     if args.command == "eval":
-        print(json.dumps(use.evaluate_run(args.run_dir, args.data, trust_code=args.trust_code)))
+        print(json.dumps(use.jsonable_numbers(use.evaluate_run(args.run_dir, args.data, trust_code=args.trust_code)),
+                         allow_nan=False))
     elif args.command == "predict" and args.spark:
         rows = _spark_predict(args)
         print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
     elif args.command == "predict":
-        rows = use.predict_run(args.run_dir, args.input, args.out, trust_code=args.trust_code)
+        rows = use.predict_run(args.run_dir, args.input, args.out, trust_code=args.trust_code,
+                               probabilities=args.probabilities)
         print(f"wrote {rows} predictions to {args.out}", file=sys.stderr)
     elif args.command == "export":
         print(f"wrote {use.export_run(args.run_dir, args.format, args.out, trust_code=args.trust_code)}",
@@ -201,6 +205,9 @@ def _spark_predict(args) -> int:
 
     if not Path(args.input).exists():
         raise UserError(f"{args.input} does not exist")
+    if args.probabilities:
+        raise UserError("--probabilities is not available with --spark: predict without --spark, or add a softmax "
+                        "over the Model's prediction column in Spark")
     spark = session("dist-train-predict", master=args.master or "local[*]")
     try:
         return ml.predict_parquet(spark, args.run_dir, args.input, args.out, trust_code=args.trust_code)

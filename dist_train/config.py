@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ def _non_negative(v):
 
 def _fraction(v):
     return None if 0 <= v < 1 else f"must be in [0, 1), got {v}"
+
+
+def _seed(v):
+    if not 0 <= v < 2 ** 63:
+        return f"must be in [0, 2**63), got {v}"
+    return None
 
 
 def _positive_ints(v):
@@ -121,7 +128,7 @@ def optimizer_names() -> dict[str, str]:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("seed", int, 0, "seeds model init, data order and synthetic data; same seed, same weights", check=_non_negative),
+    Key("seed", int, 0, "seeds model init, data order and synthetic data; same seed, same weights", check=_seed),
     Key("device", str, "auto", "auto (a GPU per worker if there are enough, else cpu), cpu, cuda (one GPU per "
         "worker of a host, by local rank) or cuda:N (that GPU; one worker a host)", check=_device),
     Key("threads", int, None, "torch threads per worker; null = the cores given / workers on this host",
@@ -153,6 +160,8 @@ KEYS: tuple[Key, ...] = (
     Key("data.classes", int, 10, "synthetic: number of classes", check=_positive),
     Key("data.shape", list, [1, 28, 28], "synthetic: shape of one sample", check=_positive_ints),
     Key("data.label_column", str, "label", "parquet: the label column; every other column is a feature"),
+    Key("data.label_map", list, None, "string labels (npz, Parquet): the class names in class-id order; null = "
+        "their sorted distinct values, found at load; kept in model.pt, so predict writes the names", optional=True),
     Key("data.cache_dir", str, None, "local directory for the on-disk copy of a worker's rows (Parquet, Spark "
         "partitions); null = spark.local.dir under Spark, else the system's temporary directory", optional=True),
     Key("data.resident_mb", int, 64, "MB of a worker's on-disk rows it keeps mapped in memory; beyond that the "
@@ -279,6 +288,8 @@ def _check_type(key: Key, value: Any) -> Any:
     want = key.type
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if want is str and isinstance(value, (int, float)):  # a YAML number where a string is meant: a path 2024
+        value = ("true" if value else "false") if isinstance(value, bool) else str(value)
     ok = isinstance(value, want) and not (want in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(key.name, f"must be {_type_name(want)}, got {type(value).__name__} {value!r}")
@@ -304,16 +315,43 @@ def _type_name(t) -> str:
             list: "a list", dict: "a mapping"}.get(t, str(t))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as a user means it (YAML 1.2's core schema, not PyYAML's 1.1): `1e-3` is a
+    number (1.1 wants `1.0e-3`), and only true/false are booleans (`on`, `no`, `y` stay strings)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader with other scalar rules
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """'train.lr=0.05' -> ('train.lr', 0.05); the value is parsed as YAML."""
+    """'train.lr=0.05' -> ('train.lr', 0.05); the value is parsed as YAML, except that a
+    string key's value is taken as written (a path `2024`, a name `on`, `my #1.npz`)."""
     name, sep, raw = text.partition("=")
-    if not sep or not name.strip():
+    name = name.strip()
+    if not sep or not name:
         raise ConfigError("", f"--set expects KEY=VALUE, got {text!r}")
+    key = KEY_BY_NAME.get(name)
+    if key is not None and key.type is str and raw.strip() and not raw.strip().startswith(("'", '"')) \
+            and raw.strip().lower() not in ("null", "~"):
+        return name, raw.strip()
+    if " #" in raw or raw.lstrip().startswith("#"):
+        raise ConfigError(name, f"--set value {raw!r}: '#' starts a YAML comment, which would cut it short; "
+                                f"quote the value (--set '{name}=\"...\"')")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # not YAML: keep the string as written
-    return name.strip(), value
+    return name, value
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Section:
@@ -329,10 +367,12 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> S
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError("", f"config file {path} is a directory; give the YAML file in it")
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -370,9 +410,22 @@ def _check_combinations(v: dict[str, Any], check_files: bool = True) -> None:
         raise ConfigError("data.path", f"is required when data.name is {v['data.name']}")
     if check_files and v["data.path"] and v["data.name"] in ("npz", "parquet") and not Path(v["data.path"]).exists():
         raise ConfigError("data.path", f"file {v['data.path']} does not exist")
+    if v["data.name"] == "synthetic":
+        need = v["data.size"] * math.prod(v["data.shape"]) * 4
+        if need > physical_memory():
+            raise ConfigError("data.size", f"{v['data.size']} samples of shape {v['data.shape']} need "
+                              f"{need / 2**30:,.1f} GiB, more than this host's {physical_memory() / 2**30:.0f} GiB")
     if v["train.momentum"] and not is_target(v["train.optimizer"]) and v["train.optimizer"].lower() not in MOMENTUM:
         raise ConfigError("train.momentum", f"applies to {', '.join(MOMENTUM)} only; {v['train.optimizer']} has "
                           f"its own (betas, set in train.optimizer_kwargs)")
+
+
+def physical_memory() -> int:
+    """This host's memory in bytes (what no single allocation can exceed)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 MOMENTUM = ("sgd", "rmsprop", "muon")  # the torch.optim classes with a momentum argument

@@ -60,6 +60,7 @@ class Progress:
     def __init__(self):
         self.step = 0  # the optimizer step being run (1-based), 0 before training
         self.training = False  # inside fit's loop: leaving now is a failure
+        self.started = False  # the job's own code runs (config, data, model): a sys.exit now is no request
         self.finished = False  # past fit's last collective: a peer leaving now is no failure
         self.collectives = 0  # entered so far (comm.watchdog counts them)
 
@@ -153,8 +154,15 @@ def say(*lines: str) -> None:
 def handle(e: BaseException, *, rank: int, world: int, abort: Callable[[int], None]) -> int:
     """Say what `e` means, abort the other workers where they may wait on this one, and
     return the exit code (abort may not return)."""
-    if isinstance(e, SystemExit) and not PROGRESS.training:  # leaving before training: as asked
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if isinstance(e, SystemExit) and not PROGRESS.training:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not PROGRESS.started:  # leaving before the job began (--help): as asked
+            return code
+        say(f"error: {'rank ' + str(rank) + ' ' if world > 1 else ''}exited (sys.exit({e.code!r})) before training "
+            f"began: the model, dataset or loss code called it; nothing was trained")
+        if world > 1:
+            abort_world(abort, EXITED.exit_code)
+        return code or EXITED.exit_code
     if DIAGNOSIS and kind_of(e).abort:  # the watchdog said the cause: this failure is its consequence
         kind = PEER
     else:

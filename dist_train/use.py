@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
+import os
 import platform
 import shutil
 import subprocess
@@ -44,21 +46,54 @@ def load_run(run_dir: str | Path, trust_code: bool = False):
 
 
 def evaluate_run(run_dir: str | Path, data_path: str | None = None, trust_code: bool = False) -> dict:
-    """Loss and metrics of a run's model: on its held-out rows, or on every row of `data_path`."""
+    """Loss and metrics of a run's model: on its held-out rows, or on every row of `data_path`
+    (checked as training checks its data: labels the model can score, one line if not)."""
     cfg, model, meta = load_run(run_dir, trust_code)
     if data_path is not None:
+        if not Path(data_path).exists():
+            raise DataError(f"--data {data_path} does not exist")
         kind = "parquet" if str(data_path).endswith(".parquet") or Path(data_path).is_dir() else "npz"
         cfg = config.build({**dict(config.flat_items(config.to_dict(cfg))), "data.name": kind, "data.target": None,
                             "data.path": str(data_path), "data.eval_fraction": 0.0})
     ds = data.load(cfg)
-    if ds.sample_shape != from_jsonable(meta["sample_shape"]):
-        raise DataError(f"samples of shape {jsonable(ds.sample_shape)} do not fit the model's {meta['sample_shape']}")
+    shape = tuple(from_jsonable(meta["sample_shape"]))
+    if ds.sample_shape != shape:
+        if isinstance(ds, data.Items) or math.prod(ds.sample_shape) != math.prod(shape):
+            raise DataError(f"{'--data ' + str(data_path) if data_path else ds.name}: samples of shape "
+                            f"{jsonable(ds.sample_shape)} do not fit the model's {meta['sample_shape']}")
+        ds.x = ds.x.reshape(len(ds.x), *shape)  # flat rows for an image model, as predict takes them
     if isinstance(ds, data.Items):
         ds.outputs, worker = meta["outputs"], ds
     else:
+        if data_path is not None:
+            _check_labels(f"--data {data_path}", ds.y, meta)
         worker = WorkerData.whole(ds, meta["outputs"])
     loss = losses.resolve(cfg.train.loss)
-    return evaluate(cfg, LocalComm(), model, worker, torch.device("cpu"), loss, metrics.resolve(cfg.train.metrics, loss))
+    result = evaluate(cfg, LocalComm(), model, worker, torch.device("cpu"), loss,
+                      metrics.resolve(cfg.train.metrics, loss))
+    return {**result, "split": "data"} if data_path is not None else result  # every row of --data
+
+
+def _check_labels(where: str, y: np.ndarray, meta: dict) -> None:
+    """Labels the run's model can be scored on (DataError otherwise)."""
+    if meta["loss"] == "cross_entropy" and len(y):
+        if y.dtype.kind not in "iu":
+            raise DataError(f"{where}: the model predicts classes, the labels are floats in "
+                            f"[{float(y.min()):g}, {float(y.max()):g}]")
+        if y.min() < 0 or y.max() >= meta["outputs"]:
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise DataError(f"{where}: label {bad} is out of range for the model's {meta['outputs']} classes")
+
+
+def jsonable_numbers(tree):
+    """NaN and Inf as null, so what is printed is valid JSON (a NaN input gives a NaN loss)."""
+    if isinstance(tree, dict):
+        return {k: jsonable_numbers(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [jsonable_numbers(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
 
 
 def read_inputs(path: str | Path, sample_shape, label_column: str) -> np.ndarray:
@@ -88,24 +123,70 @@ def read_inputs(path: str | Path, sample_shape, label_column: str) -> np.ndarray
                         f"samples of shape {list(sample_shape)}") from None
 
 
-def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_size: int = 1024,
-                trust_code: bool = False) -> int:
-    """Write predictions (class ids, 0/1, or values) for every input row to a Parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+PREDICT_FORMATS = (".parquet", ".csv")
 
+
+def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_size: int = 1024,
+                trust_code: bool = False, probabilities: bool = False) -> int:
+    """Write predictions (class ids, or the class names of string labels; 0/1; or values)
+    for every input row to a Parquet or CSV file (by its suffix), with each class's
+    probability if asked. Written whole or not at all."""
+    out = writable(out, PREDICT_FORMATS, "predictions")
     cfg, model, meta = load_run(run_dir, trust_code)
+    if probabilities and losses.probabilities(meta["loss"], torch.zeros(1, 1)) is None:
+        raise UserError(f"--probabilities: this model's outputs are values (train.loss {meta['loss']}), not classes")
     x = read_inputs(inputs, tuple(meta["sample_shape"]), cfg.data.label_column)
-    preds = []
+    preds, probs = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            preds.append(to_predictions(meta["loss"], model(torch.from_numpy(x[i:i + batch_size]))).numpy())
+            outputs = model(torch.from_numpy(x[i:i + batch_size]))
+            preds.append(to_predictions(meta["loss"], outputs).numpy())
+            if probabilities:
+                probs.append(losses.probabilities(meta["loss"], outputs).numpy())
     pred = np.concatenate(preds) if preds else np.zeros(0)
-    column = pa.array(pred) if pred.ndim == 1 else pa.array(list(pred))
-    table = pa.table({"row": np.arange(len(x), dtype=np.int64), "prediction": column})
-    with atomic(out) as f:  # like every other output
-        pq.write_table(table, f)
+    names = cfg.data.label_map if meta["loss"] == "cross_entropy" else None
+    columns = {"row": np.arange(len(x), dtype=np.int64),
+               "prediction": np.asarray(names, dtype=object)[pred] if names else pred}
+    if probabilities:
+        p = np.concatenate(probs) if probs else np.zeros((0, meta["outputs"]), np.float32)
+        classes = names or [str(c) for c in range(p.shape[1])]
+        columns.update({f"p_{c}": p[:, j] for j, c in enumerate(classes)})
+    _write_table(columns, out)
     return len(x)
+
+
+def writable(out: str | Path, suffixes: tuple[str, ...] = (), what: str = "") -> Path:
+    """`out` as a file this command may write: one of `suffixes` (if given), not a
+    directory, in a directory that exists and can be written (UserError saying which is not so)."""
+    out = Path(out)
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise UserError(f"--out {out}: {what} are written as {' or '.join(suffixes)}; name the file so")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: directory {parent} is not writable")
+    return out
+
+
+def _write_table(columns: dict, out: Path) -> None:
+    import pyarrow as pa
+
+    table = pa.table({k: pa.array(list(v)) if getattr(v, "ndim", 1) > 1 else pa.array(v) for k, v in columns.items()})
+    try:
+        with atomic(out) as f:  # like every other output
+            if out.suffix.lower() == ".csv":
+                import pyarrow.csv
+
+                pyarrow.csv.write_csv(table, f)
+            else:
+                import pyarrow.parquet as pq
+
+                pq.write_table(table, f)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 EXPORT_SUFFIX = {"torchscript": ".ts.pt", "onnx": ".onnx"}
@@ -117,7 +198,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tru
     import warnings
 
     cfg, model, meta = load_run(run_dir, trust_code)
-    out = Path(out) if out else Path(run_dir) / f"model{EXPORT_SUFFIX[fmt]}"
+    out = writable(out if out else Path(run_dir) / f"model{EXPORT_SUFFIX[fmt]}")
     example = torch.zeros(2, *meta["sample_shape"])
     try:
         with atomic(out) as f, warnings.catch_warnings(), torch.no_grad():
@@ -132,6 +213,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tru
                 torch.onnx.export(model, (example,), f, dynamo=False, opset_version=17,
                                   input_names=["x"], output_names=["y"],
                                   dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - one line naming the model and the cause
         raise UserError(f"cannot export {cfg.model.target or cfg.model.name} to {fmt}: {first_line(e)}") from None
     return out

@@ -89,6 +89,10 @@ def model(inputs=64, outputs=10, fail_rank=1, fail_step=3, mode="raise", marker=
     return Faulty(inputs, outputs, fail_rank, fail_step, mode, marker, heartbeat, stamp)
 
 
+def exits_when_built(inputs=64, outputs=10):
+    sys.exit(0)  # a user's model that "leaves" as it is built
+
+
 def not_a_module():
     return 42
 

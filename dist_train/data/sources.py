@@ -29,6 +29,7 @@ class Dataset:
     x: np.ndarray  # (n, *sample_shape) float32, possibly a memmap
     y: np.ndarray  # (n,) int64 class ids, or (n, k) float32 targets
     name: str
+    label_names: tuple[str, ...] | None = None  # string labels: the class of each id (data.label_map)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -99,7 +100,7 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
 
 
-def load_npz(path: str | Path) -> Dataset:
+def load_npz(path: str | Path, label_map=None) -> Dataset:
     """`.npz` with arrays `x` and `y` (also `X`/`Y`, `features`/`labels`)."""
     path = Path(path)
     try:
@@ -112,10 +113,10 @@ def load_npz(path: str | Path) -> Dataset:
             x, y = _npz_member(path, zf, members[xk]), _npz_member(path, zf, members[yk])
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
-    return _checked(path, x, y)
+    return _checked(path, x, y, label_map)
 
 
-def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = None) -> Dataset:
+def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = None, label_map=None) -> Dataset:
     """Parquet: `label_column` is the label; the features are one list column or
     every other numeric column, in file order. Read batch by batch into a spool on local
     disk (spool.py), so the features never have to fit in memory; the labels are kept in
@@ -132,7 +133,7 @@ def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = No
         total = sum(r.metadata.num_rows for r in readers)
         for f, reader in zip(files, readers):
             for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                bx, by = table_to_arrays(batch, label_column, str(f))
+                bx, by = table_to_arrays(batch, label_column, str(f), strings=True)
                 if x is None:
                     x = spool.spool((total, *bx.shape[1:]), np.float32, spool.spool_dir(cache_dir))
                     pager = spool.Pager(x)
@@ -150,9 +151,9 @@ def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = No
 
     pa.default_memory_pool().release_unused()  # the decoded batches' buffers, back to the system
     if x is None:  # no rows at all: the columns still say what a row would be
-        x, by = table_to_arrays(readers[0].schema_arrow.empty_table(), label_column, str(files[0]))
+        x, by = table_to_arrays(readers[0].schema_arrow.empty_table(), label_column, str(files[0]), strings=True)
         labels.append(by)
-    return _checked(Path(path), x, np.concatenate(labels))
+    return _checked(Path(path), x, np.concatenate(labels), label_map)
 
 
 PARQUET_BATCH_ROWS = 65536  # rows decoded at a time
@@ -198,10 +199,11 @@ def parquet_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+def table_to_arrays(table, label_column: str, where: str, strings: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """An Arrow table or record batch -> (features, labels) without a per-row loop.
-    DataError (one line) for what cannot be features or labels: nulls, strings, nested
-    lists, list rows of different lengths."""
+    DataError (one line) for what cannot be features or labels: nulls, nested lists, list
+    rows of different lengths, and string labels unless `strings` (then returned as str,
+    for string_classes to encode)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -209,13 +211,17 @@ def table_to_arrays(table, label_column: str, where: str) -> tuple[np.ndarray, n
     if label_column not in names:
         raise DataError(f"{where}: no label column {label_column!r} (columns: {', '.join(names)})")
     label = table.column(label_column)
-    if not (pa.types.is_integer(label.type) or pa.types.is_floating(label.type) or pa.types.is_boolean(label.type)):
-        kind = "strings" if pa.types.is_string(label.type) or pa.types.is_large_string(label.type) else str(label.type)
+    text = pa.types.is_string(label.type) or pa.types.is_large_string(label.type)
+    if not (pa.types.is_integer(label.type) or pa.types.is_floating(label.type) or pa.types.is_boolean(label.type)
+            or (text and strings)):
+        kind = "strings" if text else str(label.type)
         raise DataError(f"{where}: label column {label_column!r} holds {kind}; labels must be numbers "
                         f"(class ids 0..K-1, or targets): encode them first (e.g. Spark ML's StringIndexer)")
     if label.null_count:
         raise DataError(f"{where}: label column {label_column!r} has {label.null_count} null rows")
-    y = label.to_numpy(zero_copy_only=False) if pa.types.is_boolean(label.type) else label.to_numpy()
+    y = label.to_numpy(zero_copy_only=False) if pa.types.is_boolean(label.type) or text else label.to_numpy()
+    if text:
+        y = y.astype(str)
     if y.dtype == bool:
         y = y.astype(np.int64)
     features = feature_columns(names, label_column, where)
@@ -262,25 +268,54 @@ def feature_columns(names: list[str], label_column: str, where: str) -> list[str
 
 def class_ids(y: np.ndarray) -> np.ndarray:
     """Labels that are whole numbers become int64 class ids (float columns holding 0.0,
-    1.0, ... included); other labels (fractional targets) are kept as they are."""
-    if y.dtype.kind in "iu":
+    1.0, ... included, and booleans); other labels (fractional targets, and whole numbers
+    too large for an int64) are kept as they are."""
+    if y.dtype.kind in "iub":
         return y.astype(np.int64, copy=False)
-    if y.dtype.kind == "f" and y.ndim == 1 and np.all(np.mod(y, 1) == 0):
+    if y.dtype.kind == "f" and y.ndim == 1 and len(y) and np.all(np.mod(y, 1) == 0) and np.abs(y).max() < 2 ** 62:
         return y.astype(np.int64)
     return y
 
 
-def _checked(path: Path, x: np.ndarray, y: np.ndarray) -> Dataset:
+def string_classes(where, y: np.ndarray, label_map=None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """String labels -> (int64 class ids, the class names): `label_map`'s order, else the
+    sorted distinct labels. DataError for a label the map does not list."""
+    found, inverse = np.unique(y, return_inverse=True)
+    names = tuple(str(n) for n in (label_map if label_map is not None else found))
+    index = {n: i for i, n in enumerate(names)}
+    missing = [str(f) for f in found if str(f) not in index]
+    if missing:
+        raise DataError(f"{where}: label {missing[0]!r} is not in data.label_map {list(names)}")
+    return np.array([index[str(f)] for f in found], dtype=np.int64)[inverse.reshape(-1)], names
+
+
+def _labels(path: Path, y: np.ndarray, label_map=None) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    if y.ndim == 0:
+        raise DataError(f"{path}: labels must hold one label per row (shape (rows,) or (rows, k)), got a 0-d array")
+    if y.dtype.kind in "US":
+        if y.ndim != 1:
+            raise DataError(f"{path}: string labels must be one per row, got shape {y.shape}")
+        return string_classes(path, y, label_map)
+    if y.dtype.kind not in "fiub":
+        raise DataError(f"{path}: labels must be numbers or strings, got {y.dtype}")
+    if y.dtype.kind == "f":
+        bad = find_nonfinite(y.reshape(len(y), -1))
+        if bad is not None:
+            raise DataError(f"{path}: the label of row {bad} is NaN or Inf")
+    return class_ids(y), tuple(label_map) if label_map is not None else None
+
+
+def _checked(path: Path, x: np.ndarray, y: np.ndarray, label_map=None) -> Dataset:
     if x.ndim < 2:
         raise DataError(f"{path}: features must be (rows, features...), got shape {x.shape}")
+    y, names = _labels(path, y, label_map)
     if len(x) != len(y):
         raise DataError(f"{path}: {len(x)} feature rows but {len(y)} labels")
     if x.dtype.kind not in "fiu":
         raise DataError(f"{path}: features must be numeric, got {x.dtype}")
-    y = class_ids(y)
     if x.dtype != np.float32:
         x = x.astype(np.float32)  # one copy; store float32 to keep the memory map
-    return Dataset(x, y, path.name)
+    return Dataset(x, y, path.name, names)
 
 
 def load(cfg, given=None):
@@ -301,8 +336,8 @@ def load(cfg, given=None):
     if not Path(d.path).exists():
         raise DataError(f"data.path {d.path} does not exist")
     if d.name == "npz":
-        return load_npz(d.path)
-    return load_parquet(d.path, d.label_column, d.cache_dir)
+        return load_npz(d.path, d.label_map)
+    return load_parquet(d.path, d.label_column, d.cache_dir, d.label_map)
 
 
 def user_items(cfg, given=None) -> Items:

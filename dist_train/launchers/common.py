@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config, data, usercode
+from .. import config, data, failures, usercode
 from ..comm import broadcast_bytes
 from ..device import Choice, for_worker
 from ..errors import UserError
@@ -111,7 +111,10 @@ def prepare_job(cfg, world_size: int, out: Path | None, resume: bool, lock: str 
     """prepare() for a loaded config and an output directory (None: write nothing); `model`,
     `data_given` and `loss` stand in for what the config names (the Python API)."""
     config.check_world(cfg, world_size)
+    failures.PROGRESS.started = True  # from here user code runs: its sys.exit is a failure, not a request
     ds = data.load(cfg, data_given)
+    if getattr(ds, "label_names", None) and not cfg.data.label_map:
+        cfg.data["label_map"] = list(ds.label_names)  # string classes: their names travel with the model
     outputs = validate.check(cfg, ds, model, loss)
     held = None
     if lock == "hold" and out is not None:

@@ -117,7 +117,7 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
 def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads, fence, quiet, given,
           on_record=None) -> Run:
     started = time.perf_counter()
-    failures.PROGRESS.step, failures.PROGRESS.finished = 0, False
+    failures.PROGRESS.step, failures.PROGRESS.finished, failures.PROGRESS.started = 0, False, True
     config.check_world(cfg, comm.world_size)
     device = choice.device
     if device.type == "cuda":

@@ -75,6 +75,16 @@ def batch_len(t) -> int:
     return batch_len(first)
 
 
+def probabilities(loss: str, outputs: torch.Tensor) -> torch.Tensor | None:
+    """Class probabilities from raw outputs: softmax for cross_entropy, sigmoid for bce;
+    None where the outputs are values, not classes (mse, a user's loss)."""
+    if loss == "cross_entropy":
+        return outputs.float().softmax(dim=1)
+    if loss == "bce":
+        return outputs.float().sigmoid()
+    return None
+
+
 def predict(loss: str, outputs: torch.Tensor) -> torch.Tensor:
     """Predictions from raw outputs: class ids for cross_entropy, 0/1 for bce, the outputs
     themselves for mse and for a user's loss."""

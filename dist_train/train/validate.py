@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import models
+from .. import config, models
 from ..data import Dataset, Items, find_nonfinite, sharding
 from ..errors import ConfigError, DataError, first_line
 from . import losses
@@ -45,6 +45,8 @@ def outputs_for(cfg, stats: DataStats) -> int:
     """The model's output width: model.outputs, else what the labels need."""
     if cfg.model.outputs is not None:
         return cfg.model.outputs
+    if cfg.train.loss == "cross_entropy" and cfg.data.label_map:
+        return len(cfg.data.label_map)
     if cfg.train.loss == "cross_entropy":
         return max(int(stats.label_max) + 1, 1) if stats.n else 1
     return stats.label_width
@@ -70,13 +72,19 @@ def check_stats(cfg, st: DataStats, model=None, loss=None, probe=None) -> int:
     loss = losses.resolve(cfg.train.loss, loss)
     name = loss.name if loss.builtin else None
     if name == "cross_entropy" and st.label_kind not in "iu":
-        raise DataError(f"{st.name}: train.loss cross_entropy needs integer class labels, got float labels")
+        raise DataError(f"{st.name}: train.loss cross_entropy needs integer class labels, got float labels in "
+                        f"[{st.label_min:g}, {st.label_max:g}] (targets? use train.loss mse)")
+    if name == "cross_entropy" and st.label_max >= MAX_CLASSES:
+        raise DataError(f"{st.name}: label {int(st.label_max)} is too large to be a class id (a model with "
+                        f"{int(st.label_max) + 1:,} outputs; at most {MAX_CLASSES:,}): class ids are 0..K-1")
     if name == "bce" and not st.labels_binary:
         raise DataError(f"{st.name}: train.loss bce needs labels 0 or 1, found labels in "
                         f"[{st.label_min:g}, {st.label_max:g}]")
     if name == "cross_entropy" and st.label_min < 0:
         raise DataError(f"{st.name}: label {int(st.label_min)} is negative")
     outputs = outputs_for(cfg, st) if loss.builtin or cfg.model.outputs else None
+    if model is None:
+        check_size(cfg, st.sample_shape, outputs)
     built = models.build(cfg, st.sample_shape, outputs, given=model)
     xb, yb = probe if probe is not None else (torch.zeros((PROBE_ROWS, *st.sample_shape)), None)
     width = _probe(cfg, st.name, built, xb, yb, loss)
@@ -92,6 +100,26 @@ def check_stats(cfg, st: DataStats, model=None, loss=None, probe=None) -> int:
         raise ConfigError("model.outputs", f"targets have width {st.label_width} but the model gives {width} outputs")
     _check_split(cfg, st.n)
     return width
+
+
+MAX_CLASSES = 1 << 24  # class ids above this are not class ids (a mistaken label column), whatever the memory
+
+
+def check_size(cfg, sample_shape, outputs) -> None:
+    """ConfigError where the model (built on the meta device: no memory) could not be held,
+    with its gradients and optimizer state, in this host's memory."""
+    try:
+        with torch.device("meta"):
+            shell = models.build(cfg, sample_shape, outputs)
+    except Exception:  # noqa: BLE001 - a user's model that cannot be built there: the real build will say
+        return
+    n = sum(p.numel() for p in shell.parameters())
+    need, have = 4 * n * 4, config.physical_memory()  # weights, gradients, two optimizer moments
+    if need > have:
+        key = "model.outputs" if cfg.model.outputs is not None else "model.hidden" if cfg.model.name == "mlp" \
+            else "model"
+        raise ConfigError(key, f"the model has {n:,} parameters: with gradients and optimizer state about "
+                               f"{need / 2**30:,.0f} GiB, more than this host's {have / 2**30:.0f} GiB")
 
 
 def check_items(cfg, items: Items, model=None, loss=None) -> int | None:

@@ -81,3 +81,137 @@ def test_models_and_checkpoints_load_with_weights_only(tmp_path):
     for ckpt in (out / "checkpoints").glob("*.pt"):
         torch.load(ckpt, weights_only=True)
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("mode", ["built", "training"])
+def test_a_model_that_calls_sys_exit_0_fails_the_run_with_one_line(mode, tmp_path):
+    """Not rc 0 with no outputs: a user's sys.exit(0) is a failure, said as one."""
+    model = ["model.target=tests.faulty:exits_when_built"] if mode == "built" else \
+        ["model.target=tests.faulty:model", "model.kwargs={mode: exit, fail_rank: 0, fail_step: 3}"]
+    p = local("conf/digits.yaml", tmp_path / "o", *model, "train.log_every=0")
+    assert p.returncode == 1, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line == ("error: exited (sys.exit(0)) before training began: the model, dataset or loss code called it; "
+                    "nothing was trained" if mode == "built" else "error: rank 0 exited at step 3")
+    assert not (tmp_path / "o" / "model.pt").exists()
+
+
+LABELS = {"ints": lambda n, r: r.integers(0, 3, n), "bools": lambda n, r: r.integers(0, 2, n) > 0,
+          "strings": lambda n, r: np.array(["cat", "dog", "emu"])[r.integers(0, 3, n)],
+          "floats": lambda n, r: r.normal(size=n), "nan": lambda n, r: np.where(np.arange(n) == 1, np.nan, 1.0),
+          "huge": lambda n, r: np.full(n, 10 ** 9), "1e30": lambda n, r: np.full(n, 1e30),
+          "negative": lambda n, r: np.full(n, -2), "0-d": lambda n, r: np.array(3),
+          "2-d": lambda n, r: r.normal(size=(n, 2)), "objects": lambda n, r: np.array([None] * n, dtype=object),
+          "bytes": lambda n, r: np.array([b"a", b"b"] * (n // 2))}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(LABELS)), st.sampled_from(["float32", "float64", "int8", "U1", "bool"]),
+       st.lists(st.integers(0, 5), min_size=0, max_size=3), st.sampled_from(["npz", "parquet"]),
+       st.sampled_from(["cross_entropy", "mse", "bce"]))
+def test_random_data_files_give_a_valid_dataset_or_one_clean_line(tmp_path_factory, labels, dtype, shape, kind,
+                                                                   loss):
+    r = np.random.default_rng(0)
+    n = 8
+    x = r.normal(size=(n, *shape)).astype(dtype) if dtype != "U1" else np.full((n, *shape), "a")
+    y = LABELS[labels](n, r)
+    path = tmp_path_factory.mktemp("data") / f"d.{kind}"
+    if kind == "npz":
+        np.savez(path, x=x, y=y)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            cols = {"f": pa.array([list(row.reshape(-1)) for row in x]) if x.ndim > 1 else pa.array(list(x)),
+                    "label": pa.array(list(y)) if np.ndim(y) == 1 else pa.array([list(v) for v in np.atleast_2d(y)])}
+            pq.write_table(pa.table(cols), path)
+        except (pa.ArrowException, ValueError, TypeError):
+            return  # not a table Arrow can write: no file a user could hand us
+    flat = {**dict(config.flat_items(BASE)), "data.name": kind, "data.path": str(path), "train.loss": loss}
+    try:
+        cfg = config.build(flat)
+        validate.check(cfg, data.load(cfg))
+    except UserError as e:
+        msg = str(e)
+        assert msg and "\n" not in msg and "Traceback" not in msg
+
+
+@pytest.mark.parametrize("labels,line", [
+    ("nan", "the label of row 1 is NaN or Inf"),
+    ("huge", "label 1000000000 is too large to be a class id"),
+    ("1e30", "got float labels in [1e+30, 1e+30]"),
+    ("0-d", "labels must hold one label per row"),
+    ("floats", "train.loss cross_entropy needs integer class labels, got float labels in"),
+    ("negative", "label -2 is negative")])
+def test_labels_that_are_not_class_ids_say_what_they_are(labels, line, tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 3), np.float32), y=LABELS[labels](8, np.random.default_rng(0)))
+    cfg = config.build({**dict(config.flat_items(BASE)), "data.name": "npz", "data.path": str(tmp_path / "d.npz")})
+    with pytest.raises(UserError, match=None) as e:
+        validate.check(cfg, data.load(cfg))
+    assert line in str(e.value) and "\n" not in str(e.value)
+
+
+def test_string_and_boolean_labels_are_classes_and_string_names_reach_predict(tmp_path):
+    r = np.random.default_rng(0)
+    x = r.normal(size=(90, 4)).astype(np.float32)
+    names = np.array(["cat", "dog", "emu"])[(x[:, 0] > 0).astype(int) + (x[:, 1] > 0).astype(int)]
+    np.savez(tmp_path / "d.npz", x=x, y=names)
+    out = tmp_path / "run"
+    p = local("conf/xor.yaml", out, "data.name=npz", f"data.path={tmp_path / 'd.npz'}", "train.epochs=30",
+              "model.hidden=[16]", "train.batch_size=16")
+    assert p.returncode == 0, p.stderr
+    assert torch.load(out / "model.pt", weights_only=True)["config"]["data"]["label_map"] == ["cat", "dog", "emu"]
+    with pytest.raises(SystemExit) as e:  # a map that misses a label: one line
+        cli.main(["local", str(ROOT / "conf/xor.yaml"), "--out", str(tmp_path / "m"), "--set", "data.name=npz",
+                  "--set", f"data.path={tmp_path / 'd.npz'}", "--set", "data.label_map=[cat, dog]"])
+    assert e.value.code == 2
+    assert cli.main(["predict", str(out), str(tmp_path / "d.npz"), "--out", str(tmp_path / "p.csv"),
+                     "--probabilities"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert set(rows[0]) == {"row", "prediction", "p_cat", "p_dog", "p_emu"} and len(rows) == 90
+    assert sum(row["prediction"] == name for row, name in zip(rows, names)) > 70
+    assert abs(sum(float(rows[0][f"p_{c}"]) for c in ("cat", "dog", "emu")) - 1) < 1e-5
+    np.savez(tmp_path / "b.npz", x=x, y=x[:, 0] > 0)  # booleans: classes 0 and 1
+    cfg = config.build({**dict(config.flat_items(BASE)), "data.name": "npz", "data.path": str(tmp_path / "b.npz")})
+    assert validate.check(cfg, data.load(cfg)) == 2
+
+
+@pytest.mark.parametrize("setting,line", [
+    ("seed=18446744073709551616", "seed: must be in [0, 2**63)"),
+    ("model.hidden=[100000000000]", "model.hidden: the model has"),
+    ("model.outputs=1000000000000", "model.outputs: the model has"),
+    ("train.lr=0.1 #x", "'#' starts a YAML comment"),
+])
+def test_sizes_and_settings_that_cannot_be_are_refused_at_config_time(setting, line, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["local", str(ROOT / "conf/digits.yaml"), "--out", str(tmp_path / "o"), "--set", setting])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and line in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_synthetic_data_too_large_for_memory_is_refused():
+    with pytest.raises(UserError, match="data.size: 1000000000 samples of shape"):
+        config.build({"data.name": "synthetic", "data.size": 10 ** 9})
+
+
+def test_yaml_means_what_a_user_means(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-3\n  loss: cross_entropy\ndata:\n  name: npz\n"
+                                     "  path: 2024\n  label_column: on\n")
+    (tmp_path / "2024").write_bytes(b"")
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cfg = config.load("c.yaml", ["log.tensorboard=false"])
+    finally:
+        os.chdir(here)
+    assert cfg.train.lr == 1e-3 and cfg.data.path == "2024" and cfg.data.label_column == "on"
+    assert config.parse_override("data.path=my #1.npz") == ("data.path", "my #1.npz")
+    with pytest.raises(UserError, match="is a directory"):
+        config.load(tmp_path)
