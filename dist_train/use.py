@@ -159,10 +159,10 @@ def writable(out: str | Path, suffixes: tuple[str, ...] = (), what: str = "") ->
     """`out` as a file this command may write: one of `suffixes` (if given), not a
     directory, in a directory that exists and can be written (UserError saying which is not so)."""
     out = Path(out)
-    if suffixes and out.suffix.lower() not in suffixes:
-        raise UserError(f"--out {out}: {what} are written as {' or '.join(suffixes)}; name the file so")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise UserError(f"--out {out}: {what} are written as {' or '.join(suffixes)}; name the file so")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"--out {out}: directory {parent} does not exist")

@@ -23,10 +23,15 @@ class _Hashing:
 
     def __init__(self, f):
         self.f, self.sha = f, hashlib.sha256()
+        self.error: OSError | None = None  # torch.save reports a failed write as its own RuntimeError
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -36,7 +41,12 @@ def atomic_save(path: str | Path, obj) -> str:
     """torch.save `obj` to `path` atomically, streamed (no copy of it in memory); its sha256."""
     with atomic(path) as f:
         out = _Hashing(f)
-        torch.save(obj, out)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None  # the disk's own error (no space, a quota), not torch's account of it
+            raise
     return out.sha.hexdigest()
 
 
@@ -60,8 +70,13 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name(step)
-    digest = atomic_save(path, state)
-    atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
+    try:
+        digest = atomic_save(path, state)
+        atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
+    except OSError as e:  # a full disk, a quota, a file size limit: the temporary file is gone, the last one stays
+        path.unlink(missing_ok=True)  # (a checkpoint without its checksum would be skipped anyway)
+        raise UserError(f"{e.strerror or e} writing checkpoint step {step} in {directory}; the previous "
+                        f"checkpoint is intact (free space, then --resume)") from None
     older = [p for p in listing(directory) if p != path and p.name < path.name]  # never newer ones
     for old in older[:max(len(older) - (keep - 1), 0)]:
         old.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,31 @@ def prepare_out_dir(out_dir: str | Path, resume: bool) -> Path:
     if resume and not has_run:  # never a silent fresh start where the user asked to continue
         what = "does not exist" if not out.exists() else "holds no run (no checkpoints, no summary.json)"
         raise UserError(f"--resume: {out} {what}: check the path, or drop --resume to start a new run")
+    for where in (out, out / "checkpoints"):
+        probe_writable(where, "--out" if where == out else "--out's checkpoints/")
     return out
+
+
+MIN_FREE_BYTES = 16 << 20  # an --out on a filesystem with less free is refused (a checkpoint would not fit)
+
+
+def probe_writable(path: Path, what: str) -> None:
+    """UserError unless files can be made in `path` (or, not there yet, in the directory it
+    would be made in) and its filesystem has MIN_FREE_BYTES free: found before any worker
+    starts, not at the first checkpoint."""
+    at = path
+    while not at.exists():
+        at = at.parent
+    if not at.is_dir():
+        raise UserError(f"{what} {path}: {at} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=at):  # a real write: os.access says yes on a read-only mount as root
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror or e})") from None
+    free = os.statvfs(at).f_bavail * os.statvfs(at).f_frsize
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"{what} {path}: its filesystem has {free / 2**20:.1f} MiB free; free some space first")
 
 
 PROGRESS_ENV = "DIST_TRAIN_PROGRESS"  # bar | lines: overrides the terminal test (mpirun gives ranks a pty)

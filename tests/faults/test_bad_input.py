@@ -3,6 +3,7 @@ written; and a property test over random config mutations: a valid run or one cl
 line, never a traceback or a hang."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,7 +154,7 @@ def test_labels_that_are_not_class_ids_say_what_they_are(labels, line, tmp_path)
     assert line in str(e.value) and "\n" not in str(e.value)
 
 
-def test_string_and_boolean_labels_are_classes_and_string_names_reach_predict(tmp_path):
+def test_string_and_boolean_labels_are_classes_and_string_names_reach_predict(tmp_path, capsys):
     r = np.random.default_rng(0)
     x = r.normal(size=(90, 4)).astype(np.float32)
     names = np.array(["cat", "dog", "emu"])[(x[:, 0] > 0).astype(int) + (x[:, 1] > 0).astype(int)]
@@ -175,6 +176,14 @@ def test_string_and_boolean_labels_are_classes_and_string_names_reach_predict(tm
     assert set(rows[0]) == {"row", "prediction", "p_cat", "p_dog", "p_emu"} and len(rows) == 90
     assert sum(row["prediction"] == name for row, name in zip(rows, names)) > 70
     assert abs(sum(float(rows[0][f"p_{c}"]) for c in ("cat", "dog", "emu")) - 1) < 1e-5
+    capsys.readouterr()
+    for bad, line in ((tmp_path, "is a directory"), (tmp_path / "p.txt", "written as .parquet or .csv"),
+                      (Path("/proc/p.parquet"), "cannot write /proc/p.parquet"), (tmp_path / "no" / "p.csv", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["predict", str(out), str(tmp_path / "d.npz"), "--out", str(bad)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and line in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.rglob("*.tmp")) and not list(Path("/proc").glob(".p.parquet*"))
     np.savez(tmp_path / "b.npz", x=x, y=x[:, 0] > 0)  # booleans: classes 0 and 1
     cfg = config.build({**dict(config.flat_items(BASE)), "data.name": "npz", "data.path": str(tmp_path / "b.npz")})
     assert validate.check(cfg, data.load(cfg)) == 2
@@ -215,3 +224,52 @@ def test_yaml_means_what_a_user_means(tmp_path):
     assert config.parse_override("data.path=my #1.npz") == ("data.path", "my #1.npz")
     with pytest.raises(UserError, match="is a directory"):
         config.load(tmp_path)
+
+
+@pytest.mark.parametrize("where,line", [("/proc/dist-train-run", "is not writable"),
+                                        ("FILE/run", "is not a directory")])
+def test_an_out_that_cannot_be_written_is_refused_before_any_worker_starts(where, line, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("")
+    out = where.replace("FILE", str(tmp_path / "FILE"))
+    for command in (["local"], ["mpi", "-n", "2"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*command, str(ROOT / "conf/xor.yaml"), "--out", out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and line in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_full_filesystem_is_refused_before_training(tmp_path, monkeypatch):
+    from dist_train.train import outputs
+
+    monkeypatch.setattr(outputs, "MIN_FREE_BYTES", 1 << 62)  # more than any disk has free
+    with pytest.raises(UserError, match="MiB free; free some space first"):
+        outputs.prepare_out_dir(tmp_path / "run", resume=False)
+
+
+def test_a_checkpoint_that_does_not_fit_on_disk_is_one_line_and_the_previous_stays(tmp_path):
+    """A real write failure (a file size limit, as a full disk or a quota fails it)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from ..helpers import env
+
+    out = tmp_path / "run"
+    sets = ["--set", "checkpoint.every_steps=5", "--set", "train.log_every=0"]
+    assert local("conf/digits.yaml", out, "train.epochs=2", "checkpoint.every_steps=5").returncode == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))  # metrics fit, a checkpoint (~100 KB) does not
+
+    p = subprocess.run([sys.executable, ROOT / "launchers/local.py", "conf/digits.yaml", "--out", out, *sets,
+                        "--set", "train.epochs=4", "--resume"], preexec_fn=limited, capture_output=True, text=True,
+                       cwd=ROOT, env=env(), timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == ["error: File too large writing checkpoint step 50 in "
+                                             f"{out / 'checkpoints'}; the previous checkpoint is intact (free "
+                                             f"space, then --resume)"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert not list(out.rglob("*.tmp"))
