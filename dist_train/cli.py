@@ -50,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     spark = add_job_args(sub.add_parser("spark", help="train as a Spark barrier job (spark-submit)"))
     spark.add_argument("--master", help="Spark master URL (default: spark-submit's)")
     spark.add_argument("--spark-arg", action="append", default=[], help="extra argument for spark-submit")
-    sub.add_parser("config", help="print the config reference")
+    cf = sub.add_parser("config", help="print the config reference, or CONFIG merged with --set and validated",
+                        epilog="examples:\n  dist-train config\n  dist-train config conf/digits.yaml --set "
+                               "train.lr=0.05 --set model.hidden=[256,128]",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cf.add_argument("config", nargs="?", help="YAML config file (without: the reference of every key)")
+    cf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable: --set a=1 --set b=2)")
     ev = sub.add_parser("eval", help="loss and accuracy of a run's model (its held-out rows, or --data)")
     ev.add_argument("run_dir")
     ev.add_argument("--data", help=".npz or Parquet to evaluate on instead (every row)")
@@ -109,13 +115,16 @@ def _mpi(args) -> int:
         device.preflight(job.cfg, args.n)  # e.g. cuda:0 for 2 ranks: one line here, not MPI_ABORT on each rank
     env = dict(os.environ)
     env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
-    relay = None if _ranks_here(args.mpirun_arg, os.environ) else _usr1  # ranks elsewhere may not see the stop file
+    here = _ranks_here(args.mpirun_arg, os.environ)
+    relay = None if here else _usr1  # ranks elsewhere may not see the stop file
+    # one host: the ranks' MPI traffic through shared memory only, no TCP port of theirs open to the network
+    local_only = ["--mca", "btl", "self,sm"] if here and not any("btl" in a for a in args.mpirun_arg) else []
     restarts = job.cfg.mpi.max_restarts if args.max_restarts is None else args.max_restarts
     for attempt in range(1, restarts + 2):
         if restarts:
             env[ATTEMPT_ENV] = str(attempt)
             claim_attempt(args.out, attempt)  # an older attempt's rank 0 can no longer write there
-        cmd = mpi.command(args.n, mpi.program(job_argv(args)), args.mpirun_arg, env=env)
+        cmd = mpi.command(args.n, mpi.program(job_argv(args)), local_only + args.mpirun_arg, env=env)
         failures.say("+ " + " ".join(cmd))
         code, signalled = _supervise(cmd, env, whole_group=False, out=Path(args.out), relay=relay)
         if code in FINAL_CODES or signalled or attempt > restarts:
@@ -167,7 +176,15 @@ def _spark(args) -> int:
 
 
 def _config(args) -> int:
-    print(config.describe())
+    if args.config is None:
+        if args.set:
+            raise UserError("dist-train config: --set needs a CONFIG to apply to")
+        print(config.describe())
+        return 0
+    import yaml
+
+    usercode.search_config_dir(args.config)
+    print(yaml.safe_dump(config.to_dict(config.load(args.config, args.set)), sort_keys=False).rstrip())
     return 0
 
 

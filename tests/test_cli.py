@@ -8,7 +8,7 @@ from dist_train import cli
 from dist_train.errors import UserError
 from dist_train.launchers import common, mpi
 
-from .helpers import BIN, ok, run
+from .helpers import BIN, ROOT, ok, run
 
 
 def test_mpirun_command_adds_the_flags_people_forget():
@@ -49,6 +49,7 @@ def test_dist_train_mpi_runs_and_prints_its_command(tmp_path):
     p = ok(run([BIN / "dist-train", "mpi", "-n", "3", "conf/xor.yaml", "--out", tmp_path / "x",
                 "--set", "train.epochs=300"]))
     assert "+ " in p.stderr and "--bind-to none" in p.stderr and "-m dist_train.launchers.mpi" in p.stderr
+    assert "--mca btl self,sm" in p.stderr  # one host: shared memory only, no TCP port of the ranks
     s = json.loads((tmp_path / "x" / "summary.json").read_text())
     assert s["world_size"] == 3 and s["eval"]["accuracy"] == 1.0
     # mpirun gives rank 0 a pty, but our output is a pipe: plain lines, no progress bar
@@ -66,3 +67,17 @@ def test_readme_config_table_is_current():
     from .helpers import ROOT
 
     assert config.describe() in (ROOT / "README.md").read_text(), "regenerate the README's table: dist-train config"
+
+
+def test_config_prints_the_merged_validated_config(capsys):
+    import yaml
+
+
+    assert cli.main(["config", str(ROOT / "conf/digits.yaml"), "--set", "train.lr=1e-3", "--set",
+                     "model.hidden=[256, 128]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 1e-3 and printed["model"]["hidden"] == [256, 128]
+    assert printed["train"]["epochs"] == 30  # from the file, the rest from the defaults
+    with pytest.raises(SystemExit) as e:
+        cli.main(["config", str(ROOT / "conf/digits.yaml"), "--set", "train.lr=-1"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: config error: train.lr: must be > 0, got -1.0"

@@ -30,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 def add_job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see conf/)")
     p.add_argument("--out", help="output directory (default runs/CONFIG-TIMESTAMP)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; repeatable (--set train.lr=0.05 --set model.hidden=[256,128])")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     return p
 

@@ -71,12 +71,20 @@ def epoch_record(pos) -> dict:
 
 
 def done_line(s: dict) -> str:
-    ev = s["eval"]
-    return (f"[dist-train] done: {s['steps']} steps, {s['epochs']} epochs ({s['stopped_by']}), "
-            f"train loss {_fmt(s['final_train_loss'])}, eval loss {_fmt(ev['loss'])}"
-            + "".join(f", eval {k} {v:.4f}" for k, v in ev.items() if k not in ("split", "samples", "loss")
-                      and isinstance(v, float))
+    return (f"[dist-train] done: {count(s['steps'], 'step')}, {count(s['epochs'], 'epoch')} ({s['stopped_by']}), "
+            f"train loss {_fmt(s['final_train_loss'])}, {eval_text(s['eval'])}"
             + (f", {s['samples_per_sec']:.0f} samples/s" if s["samples_per_sec"] else ""))
+
+
+def count(n: int, word: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def eval_text(ev: dict) -> str:
+    """The evaluation as words: 'eval loss 0.09777, eval accuracy 0.9752' (not a Python dict)."""
+    return ", ".join([f"eval loss {_fmt(ev.get('loss'))}"] + [
+        f"eval {k} {v:.4f}" for k, v in ev.items() if k not in ("split", "samples", "loss") and isinstance(v, float)])
 
 
 def _fmt(v) -> str:

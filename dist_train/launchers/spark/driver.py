@@ -36,6 +36,7 @@ from ...errors import ConfigError, UserError
 from ...files import ATTEMPT_NAME, OutLock, check_unlocked, claim_attempt
 from ...train import Result, tracking, validate
 from ...train.checkpoint import load_bytes
+from ...train.summary import count, eval_text
 from ...train.outputs import prepare_out_dir, write_final
 from ..common import job_parser, out_dir
 from . import feed, progress
@@ -341,8 +342,8 @@ def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given
     if out is not None:
         write_final(out, payload["model"], payload["summary"])
         (out / ATTEMPT_NAME).unlink(missing_ok=True)
-    log(f"[dist-train] spark: done: {result.summary['steps']} steps on {world} workers, eval "
-        f"{result.summary['eval']}" + (f", outputs in {out}" if out else ""))
+    log(f"[dist-train] spark: done: {count(result.summary['steps'], 'step')} on {count(world, 'worker')}, "
+        f"{eval_text(result.summary['eval'])}" + (f", outputs in {out}" if out else ""))
     return result
 
 
