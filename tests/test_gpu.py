@@ -299,4 +299,4 @@ def test_spark_local_master_with_driver_gpus_configured_runs(tmp_path):
     proc = ok(run([BIN / "dist-train", "spark", str(ROOT / "conf/xor.yaml"), "--master", "local[2]",
                    "--out", str(out), "--set", "spark.workers=2", *spark_args(confs)], timeout=180))
     s = json.loads((out / "summary.json").read_text())
-    assert (s["device"], s["device_reason"]) == ("cpu", "no CUDA device") and "'accuracy': 1.0" in proc.stdout
+    assert (s["device"], s["device_reason"]) == ("cpu", "no CUDA device") and "eval accuracy 1.0000" in proc.stdout

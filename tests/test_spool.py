@@ -79,7 +79,6 @@ def test_parquet_spooled_trains_exactly_what_the_rows_in_memory_train(tmp_path, 
     ({"features": [[1.0, 2.0], None], "label": [0, 1]}, "has 1 null rows"),
     ({"features": [[1.0, None], [3.0, 4.0]], "label": [0, 1]}, "1 null values inside its lists"),
     ({"features": [[[1.0]], [[2.0]]], "label": [0, 1]}, "holds lists of list<"),
-    ({"a": [1.0, 2.0], "label": ["cat", "dog"]}, "label column 'label' holds strings"),
     ({"a": [1.0, 2.0], "label": [0, None]}, "label column 'label' has 1 null rows"),
     ({"a": [1.0, None], "label": [0, 1]}, "feature column 'a' has 1 null rows"),
     ({"a": ["x", "y"], "label": [0, 1]}, "feature column 'a' is not numeric (string)"),
@@ -92,6 +91,18 @@ def test_what_cannot_be_features_or_labels_is_one_line(tmp_path, columns, proble
     with pytest.raises(DataError) as e:
         data.load_parquet(tmp_path / "bad.parquet", "label")
     assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_string_labels_are_classes_when_loaded_and_refused_in_a_spark_batch(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"a": [1.0, 2.0, 3.0], "label": ["dog", "cat", "dog"]})
+    pq.write_table(table, tmp_path / "s.parquet")
+    ds = data.load_parquet(tmp_path / "s.parquet", "label")
+    assert ds.y.tolist() == [1, 0, 1] and ds.label_names == ("cat", "dog")
+    with pytest.raises(DataError, match="label column 'label' holds strings; .*StringIndexer"):
+        data.table_to_arrays(table, "label", "a Spark partition")  # executors cannot agree on an order alone
 
 
 def test_boolean_labels_are_class_ids(tmp_path):
