@@ -151,3 +151,9 @@ def test_step_times_are_averaged_over_ranks_and_waiting_is_told_apart(tmp_path):
     rank0, mean = s["seconds"], s["seconds_mean_over_workers"]
     assert rank0["wait"] / s["steps_run"] >= 0.03  # rank 0 itself waited ~50 ms a step
     assert 0.3 <= mean["wait"] / rank0["wait"] <= 0.7  # rank 1 hardly waited
+
+
+def test_a_plain_mpirun_piped_to_a_file_gets_lines_not_a_progress_bar(tmp_path):
+    """mpirun gives each rank a pty, whatever mpirun's own output is: rank 0 asks where mpirun writes."""
+    p = ok(mpirun(2, "conf/digits.yaml", tmp_path / "run", "train.epochs=2", "train.log_every=10"))
+    assert "\r" not in p.stdout and "step     10  epoch   0" in p.stdout, p.stdout[-500:]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import failures
-from ..errors import PeerFailure
+from ..errors import PeerFailure, first_line
 from .base import Communicator
 
 HEADER_BYTES = 8192  # counters and pids of up to 256 workers
@@ -282,11 +282,15 @@ class HostShm(Communicator):
         path = self._path.with_name(self._path.name + "-grads")
         usable, self._grads = _open_everywhere(self._inner, self._local_rank, path, lambda create: SharedGrads(
             path, self._local_rank, self._local_size, numel, dtype, create, self._timeout_s, self._names, self._parts),
-            self._local_size > 1, what=f"{self._local_size * numel * GRAD_DTYPES[dtype]().itemsize / 1e6:,.0f} MB")
+            self._local_size > 1, what=_size(self._local_size * numel * GRAD_DTYPES[dtype]().itemsize))
         buf = self._grads.mine if self._grads is not None else torch.zeros(numel, dtype=dtype)
         buf.zero_()
         self._grad_buffer = buf if usable else None
         return buf
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.0f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:,.0f} kB"
 
 
 def _open_everywhere(inner: Communicator, local_rank: int, path: Path, open_segment, needed: bool, what: str = ""):
@@ -294,23 +298,23 @@ def _open_everywhere(inner: Communicator, local_rank: int, path: Path, open_segm
     if every one could, the others map it; if every one could, it is unlinked (mapped by all,
     nothing is left behind by a crash). (True, the segment or None where none is `needed`),
     or (False, None) on every worker."""
-    segment, ok = None, True
+    segment, ok, cause = None, True, "full?"
     if needed and local_rank == 0:
         try:
             segment = open_segment(True)
-        except (OSError, ValueError):
-            ok = False
+        except (OSError, ValueError) as e:
+            ok, cause = False, first_line(e, 200)
     created = _all_ok(inner, ok)
     if created and needed and local_rank != 0:
         try:
             segment = open_segment(False)
-        except (OSError, ValueError):
-            ok = False
+        except (OSError, ValueError) as e:
+            ok, cause = False, first_line(e, 200)
     usable = _all_ok(inner, ok) and created
     if segment is not None and local_rank == 0:
         os.unlink(path)
     if not usable and inner.rank == 0:
-        print(f"[dist-train] comm.shm: a host could not map its {what} segment in {SHM_DIR} (full?); "
+        print(f"[dist-train] comm.shm: a host could not map its {what} segment in {SHM_DIR} ({cause}); "
               f"every worker sums without it", file=sys.stderr, flush=True)
     return usable, segment if usable else None
 

@@ -85,6 +85,7 @@ class RunWriter:
         self.tensorboard = tensorboard and self.active
         self._board = None
         self._bar_open, self._drawn = False, 0.0  # the progress bar's line is unfinished; when it was drawn
+        self._launcher_tty: bool | None = None  # where a plain mpirun's own output goes (asked once)
         if self.active:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -100,7 +101,12 @@ class RunWriter:
         forced = os.environ.get(PROGRESS_ENV)
         if forced in ("bar", "lines"):
             return forced == "bar"
-        return hasattr(self.stream, "isatty") and self.stream.isatty()
+        if not (hasattr(self.stream, "isatty") and self.stream.isatty()):
+            return False
+        if self._launcher_tty is None:
+            self._launcher_tty = _launcher_output_is_a_terminal()
+        return self._launcher_tty
+
 
     def log(self, message: str) -> None:
         if self.stream is not None:
@@ -231,3 +237,16 @@ def model_from_payload(payload: dict, where: str, cfg=None):
     except RuntimeError as e:
         raise UserError(f"{where}: the weights do not match their own config: {first_line(e)}") from None
     return cfg, model.eval(), meta
+
+
+def _launcher_output_is_a_terminal() -> bool:
+    """Under a plain mpirun each rank's stdout is a pty of mpirun's, whatever mpirun's own
+    is: ask where mpirun (this rank's parent, on its host) writes, so `mpirun ... > log`
+    gets lines, not a progress bar's carriage returns. Elsewhere, or unreadable: yes."""
+    if not any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")):
+        return True
+    try:
+        target = os.readlink(f"/proc/{os.getppid()}/fd/1")
+    except OSError:
+        return True
+    return target.startswith(("/dev/pts/", "/dev/tty", "/dev/console"))

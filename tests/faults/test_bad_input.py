@@ -106,7 +106,7 @@ LABELS = {"ints": lambda n, r: r.integers(0, 3, n), "bools": lambda n, r: r.inte
           "bytes": lambda n, r: np.array([b"a", b"b"] * (n // 2))}
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(sorted(LABELS)), st.sampled_from(["float32", "float64", "int8", "U1", "bool"]),
        st.lists(st.integers(0, 5), min_size=0, max_size=3), st.sampled_from(["npz", "parquet"]),
