@@ -31,6 +31,7 @@ from .errors import UserError
 from .files import ATTEMPT_ENV, ATTEMPT_NAME, claim_attempt
 from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
 from .train import checkpoint
+from .train.clock import STARTED_ENV
 from .train.outputs import PROGRESS_ENV
 
 KILL_AFTER_S = 15.0  # after forwarding a signal, what is still running then is killed
@@ -115,6 +116,7 @@ def _mpi(args) -> int:
         device.preflight(job.cfg, args.n)  # e.g. cuda:0 for 2 ranks: one line here, not MPI_ABORT on each rank
     env = dict(os.environ)
     env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
+    env.setdefault(STARTED_ENV, repr(time.time()))  # the metrics' wall clock counts mpirun's start-up too
     here = _ranks_here(args.mpirun_arg, os.environ)
     relay = None if here else _usr1  # ranks elsewhere may not see the stop file
     # one host: the ranks' MPI traffic through shared memory only, no TCP port of theirs open to the network
@@ -172,7 +174,9 @@ def _spark(args) -> int:
     cmd = [spark_submit] + (["--master", args.master] if args.master else []) + args.spark_arg
     cmd += (["--py-files", ",".join(map(str, shipped))] if shipped else []) + [submit.__file__] + job_argv(args)
     failures.say("+ " + " ".join(cmd))
-    return supervise(cmd, spark_env(), whole_group=True, out=Path(args.out))
+    env = spark_env()
+    env.setdefault(STARTED_ENV, repr(time.time()))  # the metrics' wall clock counts the JVM's start-up too
+    return supervise(cmd, env, whole_group=True, out=Path(args.out))
 
 
 def _config(args) -> int:

@@ -201,6 +201,9 @@ KEYS: tuple[Key, ...] = (
         check=_positive),
     Key("train.shuffle", bool, True, "reshuffle the order every epoch (seeded by seed, epoch, rank)"),
     Key("train.log_every", int, 10, "write a metrics line every N steps (0: once per epoch)", check=_non_negative),
+    Key("train.eval_every", int, None, "score the held-out rows every N steps and log it (kind: eval) in "
+        "metrics.jsonl; null = at each epoch's end, 0 = only once training ends", optional=True,
+        check=_non_negative),
     Key("log.tensorboard", bool, False, "also write the metrics as TensorBoard scalars to OUT/tensorboard",
         check=_tensorboard),
     Key("log.mlflow", bool, False, "track the run in MLflow: one run per job (rank 0 logs), params = the config, "

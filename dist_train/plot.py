@@ -1,7 +1,9 @@
 """`dist-train plot RUN_DIR [RUN_DIR...] --out runs.png`: loss and accuracy against steps
-and wall time, several runs overlaid (local vs MPI vs Spark of one config), and where each
-run's step time went (compute, communication, waiting for slower workers, data), averaged
-over its workers, from its summary.json."""
+and against wall time from the job's start (mpirun's or Spark's start-up included), for
+training (solid) and the held-out rows (dashed, scored every train.eval_every steps),
+several runs overlaid (local vs MPI vs Spark of one config), and where each run's step
+time went (compute, communication, waiting for slower workers, data), averaged over its
+workers, from its summary.json. A run still going is plotted as far as it got."""
 
 from __future__ import annotations
 
@@ -11,17 +13,23 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _read(run: Path) -> tuple[list[dict], dict]:
+def _read(run: Path) -> tuple[list[dict], list[dict], dict | None]:
+    """(step lines, held-out lines, the summary or None while the run goes on)."""
     metrics, summary = run / "metrics.jsonl", run / "summary.json"
-    if not metrics.exists() or not summary.exists():
-        raise UserError(f"{run} is not a finished run (needs metrics.jsonl and summary.json)")
+    if not metrics.exists():
+        raise UserError(f"{run} is not a run (no metrics.jsonl)")
     rows = []
     for line in metrics.read_text().splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line torn by a kill
-    return [r for r in rows if r.get("kind") == "step"], json.loads(summary.read_text())
+            continue  # a line torn by a kill, or being written
+    done = json.loads(summary.read_text()) if summary.exists() else None
+    return [r for r in rows if r.get("kind") == "step"], [r for r in rows if r.get("kind") == "eval"], done
+
+
+def _seconds(r: dict) -> float:
+    return r.get("wall", r.get("time", 0.0))  # runs from before the wall clock: seconds of training
 
 
 def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
@@ -37,23 +45,24 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     blank.axis("off")
     names, parts = [], {"compute": [], "comm": [], "wait": [], "data": []}
     for run in map(Path, runs):
-        steps, summary = _read(run)
-        label = f"{run.name} ({summary['launcher']}, {summary['world_size']})"
-        names.append(label)
-        x_step = [r["step"] for r in steps]
-        x_time = [r.get("time", 0.0) for r in steps]
-        loss_step.plot(x_step, [r["loss"] for r in steps], label=label)
-        loss_time.plot(x_time, [r["loss"] for r in steps], label=label)
-        if any(r.get("accuracy") is not None for r in steps):
-            acc_step.plot(x_step, [r.get("accuracy") for r in steps], label=label)
-            acc_time.plot(x_time, [r.get("accuracy") for r in steps], label=label)
-        seconds = summary.get("seconds_mean_over_workers", summary.get("seconds", {}))
-        steps_timed = summary.get("steps_run", summary.get("steps", 1)) - ("seconds_mean_over_workers" in summary)
-        for k in parts:  # the mean over workers leaves out each worker's last step
-            parts[k].append(seconds.get(k, 0.0) / max(steps_timed, 1) * 1000)
-    for ax, title, xlabel in ((loss_step, "training loss", "step"), (loss_time, "training loss", "seconds"),
-                              (acc_step, "training accuracy", "step"), (acc_time, "training accuracy", "seconds")):
-        ax.set_title(title)
+        steps, held, summary = _read(run)
+        label = f"{run.name} ({summary['launcher']}, {summary['world_size']})" if summary else f"{run.name} (running)"
+        for rows, style, suffix in ((steps, "-", ""), (held, "--", ", held out")):
+            if not rows:
+                continue
+            x_step, x_time = [r["step"] for r in rows], [_seconds(r) for r in rows]
+            line, = loss_step.plot(x_step, [r["loss"] for r in rows], style, label=label + suffix)
+            color = line.get_color() if not suffix else None
+            loss_time.plot(x_time, [r["loss"] for r in rows], style, label=label + suffix, color=color)
+            if any(r.get("accuracy") is not None for r in rows):
+                acc_step.plot(x_step, [r.get("accuracy") for r in rows], style, label=label + suffix)
+                acc_time.plot(x_time, [r.get("accuracy") for r in rows], style, label=label + suffix)
+        if summary:
+            names.append(label)
+            _time_parts(summary, parts)
+    for ax, title, xlabel in ((loss_step, "loss", "step"), (loss_time, "loss", "seconds from the job's start"),
+                              (acc_step, "accuracy", "step"), (acc_time, "accuracy", "seconds from the job's start")):
+        ax.set_title(f"{title} (solid: training, dashed: held out)")
         ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
     left = [0.0] * len(names)
@@ -68,3 +77,10 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _time_parts(summary: dict, parts: dict) -> None:
+    seconds = summary.get("seconds_mean_over_workers", summary.get("seconds", {}))
+    steps_timed = summary.get("steps_run", summary.get("steps", 1)) - ("seconds_mean_over_workers" in summary)
+    for k in parts:  # the mean over workers leaves out each worker's last step
+        parts[k].append(seconds.get(k, 0.0) / max(steps_timed, 1) * 1000)

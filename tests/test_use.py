@@ -111,7 +111,21 @@ def test_plot_of_two_runs_is_a_real_png(run, tmp_path):
 def test_plot_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "p.png")])
-    assert e.value.code == 2 and "not a finished run" in capsys.readouterr().err
+    assert e.value.code == 2 and "is not a run (no metrics.jsonl)" in capsys.readouterr().err
+
+
+def test_metrics_hold_the_held_out_curve_and_wall_time_and_a_running_run_plots(tmp_path):
+    out = tmp_path / "run"
+    assert local.main([str(ROOT / "conf/digits.yaml"), "--out", str(out), "--set", "train.epochs=3",
+                       "--set", "train.eval_every=10", "--set", "train.log_every=5"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    held = [r for r in lines if r["kind"] == "eval"]
+    assert [r["step"] for r in held] == [10, 20, 30, 40, 50, 60, 69]  # every 10 steps, and at the end
+    assert held[-1]["accuracy"] == json.loads((out / "summary.json").read_text())["eval"]["accuracy"]
+    assert all(r["wall"] >= r["time"] > 0 for r in lines if r["kind"] in ("step", "eval"))
+    (out / "summary.json").unlink()  # as while the run still goes on
+    assert cli.main(["plot", str(out), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _run_with_stdout(tmp_path, name, stdout):

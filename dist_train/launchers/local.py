@@ -14,6 +14,7 @@ import sys
 from .. import device, failures
 from ..comm import LocalComm
 from ..train import fit
+from ..train.clock import job_start
 from .common import job_parser, prepare
 
 
@@ -29,7 +30,7 @@ def _train(argv) -> None:
         threads = device.set_threads(device.thread_budget(local_workers=1, override=job.cfg.threads,
                                                           data_workers=job.data_workers))
         fit(job.cfg, LocalComm(), job.worker_data(), out_dir=job.out, resume=job.resume, launcher="local",
-            device=job.device, threads=threads)
+            device=job.device, threads=threads, job_started=job_start())
     finally:
         job.lock.release()
 

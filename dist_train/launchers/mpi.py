@@ -20,6 +20,7 @@ from ..comm import connect
 from ..errors import UserError
 from ..files import ATTEMPT_ENV, attempt_fence
 from ..train import fit
+from ..train.clock import STARTED_ENV, job_start
 from ..train.outputs import PROGRESS_ENV
 from .common import find_executable, job_parser, prepare, prepare_everywhere
 
@@ -58,7 +59,8 @@ def _train(world, argv) -> None:
     try:
         with failures.leaving(comm):
             fit(cfg, comm, job.worker_data(), out_dir=job.out, resume=job.resume, launcher="mpi",
-                device=job.device, threads=threads, fence=attempt_fence(job.out, attempt))
+                device=job.device, threads=threads, fence=attempt_fence(job.out, attempt),
+                job_started=job_start())
     finally:
         if job.lock is not None:
             job.lock.release()
@@ -81,7 +83,7 @@ def command(n: int, program: list[str], extra: list[str] = (), cores: int | None
         cmd.append("--oversubscribe")
     if is_root:
         cmd.append("--allow-run-as-root")
-    for name in (PROGRESS_ENV, ATTEMPT_ENV):  # mpirun gives ranks a pty: pass on whether *our* output is a
+    for name in (PROGRESS_ENV, ATTEMPT_ENV, STARTED_ENV):  # mpirun gives ranks a pty: pass on whether *our* output is a
         if name in (os.environ if env is None else env):  # terminal; and which attempt of a restarted job this is
             cmd += ["-x", name]
     return cmd + list(extra) + [str(c) for c in program]

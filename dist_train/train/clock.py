@@ -3,10 +3,12 @@ step's own collective), and the steady-state speed."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from .gradsync import TIMES
 
+STARTED_ENV = "DIST_TRAIN_STARTED"  # the job's start (epoch seconds), set by the dist-train wrappers
 STEADY_SKIP = 5  # steps left out of the steady-state speed (warm-up, allocator growth)
 
 
@@ -51,6 +53,13 @@ class Clock:
         self.last_log = (now, samples)
         return rate, now
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent between steps (a held-out evaluation) out of every speed."""
+        self.last_log = (self.last_log[0] + seconds, self.last_log[1])
+        if self._steady is not None:
+            self._steady = (self._steady[0] + seconds, self._steady[1])
+        self.epoch_start += seconds
+
     def stop(self) -> float:
         self.end = time.perf_counter()
         return self.end - self.start
@@ -59,3 +68,20 @@ class Clock:
         if self._steady is None or self.end is None or self.end <= self._steady[0]:
             return None
         return (samples - self._steady[1]) / (self.end - self._steady[0])
+
+
+def job_start(default: float | None = None) -> float:
+    """When the job started, in epoch seconds: what the dist-train wrapper recorded (mpirun
+    and spark-submit take seconds to reach training), else `default`, else when this
+    process started (a launcher's: its imports count)."""
+    try:
+        return float(os.environ[STARTED_ENV])
+    except (KeyError, ValueError):
+        if default is not None:
+            return default
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # starttime, since boot
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()

@@ -23,7 +23,7 @@ from ..data import sharding
 from ..device import Choice, for_worker
 from . import checkpoint, losses, metrics, schedule
 from .agree import agree_at_start, check_parameters
-from .clock import Clock
+from .clock import Clock, job_start
 from .evaluate import evaluate
 from .gradsync import FusedGrads, broadcast_parameters, settle_buffers
 from .optim import make_optimizer
@@ -31,7 +31,7 @@ from .outputs import RunWriter, write_final
 from .scaler import LossScale
 from .state import Position, checkpoint_state, restore, resumable, well_formed
 from .step import Step
-from .summary import done_line, epoch_record, step_record, summary
+from .summary import done_line, epoch_record, eval_record, step_record, summary
 
 
 @dataclass
@@ -75,6 +75,8 @@ class Run:
     stopped_by: str = "epochs"
     stop: tuple = ()  # (rank, signal) of each worker asked to stop, as the step's tail told all
     fingerprint: dict = field(default_factory=dict)  # the data's (checkpoints keep it: a resume checks it)
+    last_eval: int = -1  # the step the held-out rows were last scored at
+    job_started: float = 0.0  # epoch seconds: the metrics' wall clock (clock.job_start)
 
     @property
     def total_steps(self) -> int:
@@ -85,7 +87,8 @@ class Run:
 
 def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = "local", local_rank: int = 0,
         local_size: int = 1, device: Choice | None = None, threads: int | None = None, write_outputs: bool = True,
-        fence=None, quiet: bool = False, model=None, loss=None, on_record=None) -> Result:
+        fence=None, quiet: bool = False, model=None, loss=None, on_record=None,
+        job_started: float | None = None) -> Result:
     """Train `cfg` on this worker's `data` (a data.WorkerData, or data.Items) with peers
     reachable through `comm`.
 
@@ -96,10 +99,12 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
     shows progress from metrics.jsonl instead); `on_record`, if given, gets rank 0's
     metrics records as they are logged (the Spark driver's progress without --out).
     `device`: the launcher's device.Choice for this worker; without it, device.for_worker
-    picks from `local_rank` of `local_size` workers on this host."""
+    picks from `local_rank` of `local_size` workers on this host. `job_started`: when the
+    job began (epoch seconds; default: the wrapper's record, else now), the metrics' `wall` clock."""
     choice = device if device is not None else for_worker(cfg, local_rank, local_size)
     run = setup(cfg, comm, data, out_dir=out_dir, resume=resume, launcher=launcher, choice=choice,
                 threads=threads, fence=fence, quiet=quiet, given=(model, loss), on_record=on_record)
+    run.job_started = job_started if job_started is not None else job_start(default=time.time())
     failures.PROGRESS.training = True  # from here a worker that leaves fails the job
     stop_file = run.writer.out / preempt.STOP_FILE if run.writer.active else None  # rank 0 looks for it
     try:
@@ -226,6 +231,22 @@ def advance(run: Run, stats, lr: float, last_of_epoch: bool) -> None:
         save_checkpoint(run)
     if pos.batch == 0:  # the epoch just ended
         writer.metric(epoch_record(pos))
+    every = t.eval_every
+    if cfg.data.eval_fraction > 0 and (pos.step % every == 0 if every else every is None and pos.batch == 0):
+        held_out(run)
+
+
+def held_out(run: Run, result: dict | None = None) -> dict:
+    """Score the held-out rows now (every worker) and log it as an `eval` line; the time it
+    takes is left out of the speed."""
+    t0 = time.perf_counter()
+    if result is None:
+        settle_buffers(run.comm, run.model)  # dist: every worker scores the same statistics
+        result = evaluate(run.cfg, run.comm, run.model, run.data, run.device, run.loss, run.metrics)
+    run.writer.metric(eval_record(run, result))
+    run.last_eval = run.pos.step
+    run.clock.exclude(time.perf_counter() - t0)
+    return result
 
 
 def save_checkpoint(run: Run) -> None:
@@ -256,6 +277,8 @@ def finish(run: Run, write_outputs: bool) -> Result:
     run.clock.stop()
     save_checkpoint(run)  # (and every worker evaluates and saves the same BatchNorm statistics)
     evaluation = evaluate(cfg, run.comm, run.model, run.data, run.device, run.loss, run.metrics)
+    if cfg.data.eval_fraction > 0 and run.last_eval != run.pos.step:
+        held_out(run, evaluation)  # the curve's last point
     failures.PROGRESS.training, failures.PROGRESS.finished = False, True  # the last collective is behind us
     report = summary(run, evaluation, time.perf_counter() - run.started)
     writer.close()

@@ -186,7 +186,7 @@ class RunWriter:
             if self._board is not None:
                 kind = record["kind"]
                 for name, value in record.items():
-                    if name not in ("kind", "step", "epoch", "time", "samples") and isinstance(value, (int, float)):
+                    if name not in ("kind", "step", "epoch", "time", "wall", "samples") and isinstance(value, (int, float)):
                         self._board.add_scalar(f"{kind}/{name}", value, record["step"])
                 self._board.flush()
 

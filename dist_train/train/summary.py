@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import resource
+import time
 
 import torch
 
@@ -51,7 +52,7 @@ def step_record(run, stats, lr: float) -> dict:
     rate, now = run.clock.rate_since_log(pos.samples)
     rec = {"kind": "step", "step": pos.step, "epoch": pos.epoch if pos.batch else pos.epoch - 1,
            "loss": stats.loss, "samples": pos.samples, "samples_per_sec": rate, "lr": lr,
-           "time": now - run.clock.start}
+           "time": now - run.clock.start, "wall": time.time() - run.job_started}
     rec.update({f"{kind}_ms": 1000 * v for kind, v in zip(TIMES, run.clock.interval_means())})
     for metric, (total, count) in zip(run.metrics, stats.metrics):
         rec[metric.name] = total / count if count else None
@@ -63,6 +64,14 @@ def model_name(run) -> str:
     if run.given_model is not None:
         return "object"
     return run.cfg.model.target or run.cfg.model.name
+
+
+def eval_record(run, result: dict) -> dict:
+    """A metrics line for a held-out evaluation (its loss and metrics) after the step just taken."""
+    pos = run.pos
+    return {"kind": "eval", "step": pos.step, "epoch": pos.epoch if pos.batch else pos.epoch - 1,
+            **{k: v for k, v in result.items() if k != "split"}, "time": time.perf_counter() - run.clock.start,
+            "wall": time.time() - run.job_started}
 
 
 def epoch_record(pos) -> dict:

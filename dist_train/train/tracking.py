@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import config
 
-SKIPPED = ("kind", "step", "epoch", "time")  # a metrics line's fields that are its coordinates, not numbers to track
+SKIPPED = ("kind", "step", "epoch", "time", "wall")  # a metrics line's fields that are its coordinates, not numbers to track
 
 
 class Tracker:
@@ -43,10 +43,11 @@ class Tracker:
         self.run_id = run_id
 
     def metrics(self, record: dict) -> None:
-        """A metrics.jsonl record: its numbers at its step (epoch lines as epoch_<name>)."""
+        """A metrics.jsonl record: its numbers at its step (epoch lines as epoch_<name>, the
+        held-out ones as eval_<name>)."""
         from mlflow.entities import Metric
 
-        prefix = "epoch_" if record["kind"] == "epoch" else ""
+        prefix = {"epoch": "epoch_", "eval": "eval_"}.get(record["kind"], "")
         now = int(time.time() * 1000)
         batch = [Metric(prefix + k, float(v), now, record["step"]) for k, v in record.items()
                  if k not in SKIPPED and isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -26,6 +26,11 @@ def line(rec: dict) -> str | None:
                 f"{rec.get('samples_per_sec', 0):,.0f} samples/s")
     if rec.get("kind") == "epoch" and rec.get("loss") is not None:
         return f"[dist-train] spark: epoch {rec['epoch']} done, loss {rec['loss']:.5f}"
+    if rec.get("kind") == "eval" and rec.get("loss") is not None:
+        scores = "".join(f", {k} {v:.4f}" for k, v in rec.items() if k not in ("kind", "step", "epoch", "samples",
+                                                                            "loss", "time", "wall")
+                         and isinstance(v, float))
+        return f"[dist-train] spark: held out at step {rec['step']}: loss {rec['loss']:.5f}{scores}"
     return None
 
 

@@ -20,6 +20,7 @@ from ...comm.env import Environment
 from ...errors import PeerFailure, Preempted, first_line
 from ...files import attempt_fence
 from ...train import fit
+from ...train.clock import job_start
 from . import feed, progress
 
 PEER_LOSS_GRACE_S = 3.0  # a task that failed because a peer did waits, so the peer's own report reaches the driver first
@@ -51,6 +52,7 @@ class TrainTask:
         self.given = given or {}  # the notebook's model, data and loss objects (pickled with the task)
         self.progress_to = progress_to  # the driver's progress port (no --out), as (host, port) candidates
         self.gpus = gpus
+        self.job_started = job_start(default=time.time())  # the driver's: wall time counts Spark's start-up
 
     def __call__(self, batches):
         import pyarrow as pa
@@ -94,7 +96,8 @@ class TrainTask:
                 return fit(self.cfg, comm, shard, out_dir=self.out, resume=self.resume, launcher="spark",
                            device=choice, threads=threads, write_outputs=False, fence=attempt_fence(self.out, self.attempt),
                            quiet=True,  # the driver shows the progress (metrics.jsonl, or what rank 0 sends)
-                           model=self.given.get("model"), loss=self.given.get("loss"), on_record=sender)
+                           model=self.given.get("model"), loss=self.given.get("loss"), on_record=sender,
+                           job_started=self.job_started)
         except BaseException as e:
             if failures.kind_of(e).abort:  # "aborting" is failing this task: Spark ends the stage's others
                 failures.abort_world(lambda code: None, 1)
