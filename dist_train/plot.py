@@ -47,16 +47,17 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     for run in map(Path, runs):
         steps, held, summary = _read(run)
         label = f"{run.name} ({summary['launcher']}, {summary['world_size']})" if summary else f"{run.name} (running)"
+        color = None  # one colour per run: its training and held-out curves
         for rows, style, suffix in ((steps, "-", ""), (held, "--", ", held out")):
             if not rows:
                 continue
             x_step, x_time = [r["step"] for r in rows], [_seconds(r) for r in rows]
-            line, = loss_step.plot(x_step, [r["loss"] for r in rows], style, label=label + suffix)
-            color = line.get_color() if not suffix else None
+            line, = loss_step.plot(x_step, [r["loss"] for r in rows], style, label=label + suffix, color=color)
+            color = line.get_color()
             loss_time.plot(x_time, [r["loss"] for r in rows], style, label=label + suffix, color=color)
             if any(r.get("accuracy") is not None for r in rows):
-                acc_step.plot(x_step, [r.get("accuracy") for r in rows], style, label=label + suffix)
-                acc_time.plot(x_time, [r.get("accuracy") for r in rows], style, label=label + suffix)
+                acc_step.plot(x_step, [r.get("accuracy") for r in rows], style, label=label + suffix, color=color)
+                acc_time.plot(x_time, [r.get("accuracy") for r in rows], style, label=label + suffix, color=color)
         if summary:
             names.append(label)
             _time_parts(summary, parts)
