@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -84,7 +85,7 @@ class RunWriter:
         self.stream = stream if active else None  # None: print nothing
         self.tensorboard = tensorboard and self.active
         self._board = None
-        self._bar_open, self._drawn = False, 0.0  # the progress bar's line is unfinished; when it was drawn
+        self._bar, self._bar_epoch, self._drawn = None, -1, 0.0  # the epoch's tqdm bar (a terminal), last drawn
         self._launcher_tty: bool | None = None  # where a plain mpirun's own output goes (asked once)
         if self.active:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -110,24 +111,37 @@ class RunWriter:
 
     def log(self, message: str) -> None:
         if self.stream is not None:
-            if self._bar_open:
-                print(file=self.stream)  # end the progress bar's line first
-                self._bar_open = False
-            print(message, file=self.stream, flush=True)
+            if self._bar is not None:
+                self._bar.write(message, file=self.stream)  # above the bar, which is drawn again
+            else:
+                print(message, file=self.stream, flush=True)
 
     def progress(self, epoch: int, done: int, total: int, loss: float, rate: float, elapsed: float) -> None:
-        """Redraw the progress bar (at most 5 times a second), terminal only."""
-        now = time.monotonic()
-        if not self.tty or (now - self._drawn < 0.2 and done < total):
+        """The epoch's tqdm progress bar (redrawn at most 5 times a second), terminal only."""
+        if not self.tty:
             return
-        self._drawn = now
-        frac = min(done / total, 1.0) if total else 1.0
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        bar = "#" * int(frac * 30)
-        self.stream.write(f"\repoch {epoch:>3} [{bar:<30}] {frac:4.0%}  loss {loss:.4f}  {rate:,.0f} samples/s  "
-                          f"ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
-        self.stream.flush()
-        self._bar_open = True
+        if self._bar is None or self._bar_epoch != epoch:
+            from tqdm import tqdm
+
+            self._close_bar()
+            size = shutil.get_terminal_size()  # a pty without a size says 0 x 0, which would hide the bar
+            self._bar = tqdm(total=total, initial=max(done - 1, 0), desc=f"epoch {epoch}", unit="step",
+                             file=self.stream, ncols=size.columns or 100, nrows=size.lines or 24, mininterval=0.2,
+                             leave=True)
+            self._bar_epoch = epoch
+        self._bar.n = done
+        now = time.monotonic()
+        if now - self._drawn >= 0.2 or done >= total:
+            self._drawn = now
+            self._bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} samples/s", refresh=False)
+            self._bar.refresh()
+        if done >= total:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def start_metrics(self, resumed_step: int | None) -> None:
         """Open metrics.jsonl; on resume keep only the lines up to the checkpoint's step."""
@@ -191,6 +205,7 @@ class RunWriter:
                 self._board.flush()
 
     def close(self) -> None:
+        self._close_bar()
         if self._board is not None:
             self._board.close()
             self._board = None
