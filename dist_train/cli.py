@@ -38,8 +38,20 @@ KILL_AFTER_S = 15.0  # after forwarding a signal, what is still running then is 
 STOP_GRACE_S = 60.0  # after asking a training job to checkpoint and stop, how long it may take
 
 
+EXAMPLES = """examples:
+  dist-train local conf/digits.yaml --out runs/d --set train.lr=0.05 --set model.hidden=[256,128]
+  dist-train local conf/digits.yaml --out runs/d --set train.epochs=60 --resume
+  dist-train mpi -n 4 conf/digits.yaml --out runs/d-mpi --max-restarts 2
+  dist-train spark conf/digits.yaml --master 'local[2]' --out runs/d-spark
+  dist-train config conf/digits.yaml --set train.lr=1e-3
+  dist-train predict runs/d inputs.npz --out preds.csv --probabilities
+  dist-train plot runs/d runs/d-mpi --out runs.png
+(--set repeats: one KEY=VALUE each; `dist-train config` lists every key)"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dist-train", description="Exact, hang-free data-parallel training for PyTorch.")
+    parser = _Parser(prog="dist-train", description="Exact, hang-free data-parallel training for PyTorch.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_job_args(sub.add_parser("local", help="train in this process"))
     mpi = add_job_args(sub.add_parser("mpi", help="train with mpirun -n N"))

@@ -163,3 +163,25 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
     assert p.returncode == 0
     assert "\r" in shown and "epoch 2: 100%" in shown and "23/23" in shown and "samples/s" in shown  # tqdm's bar
     assert "[dist-train] done" in shown
+
+
+def test_outputs_honour_the_umask_and_predict_follows_no_planted_temporary_name(tmp_path):
+    import os
+
+    old = os.umask(0o002)  # a shared cluster group: group-writable
+    try:
+        out = tmp_path / "shared"
+        assert local.main([str(ROOT / "conf/xor.yaml"), "--out", str(out), "--set", "train.epochs=5",
+                           "--set", "checkpoint.every_steps=2"]) == 0
+        victim = tmp_path / "victim"
+        victim.write_text("keep")
+        (tmp_path / ".p.parquet.tmp").symlink_to(victim)  # what an attacker could plant
+        x = tmp_path / "x.npz"
+        np.savez(x, x=np.zeros((3, 2), np.float32))
+        assert cli.main(["predict", str(out), str(x), "--out", str(tmp_path / "p.parquet")]) == 0
+    finally:
+        os.umask(old)
+    files = [out / "model.pt", out / "summary.json", out / "metrics.jsonl", *(out / "checkpoints").iterdir(),
+             tmp_path / "p.parquet"]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o664"}
+    assert victim.read_text() == "keep" and pq.read_table(tmp_path / "p.parquet").num_rows == 3
