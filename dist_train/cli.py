@@ -132,7 +132,8 @@ def _mpi(args) -> int:
     here = _ranks_here(args.mpirun_arg, os.environ)
     relay = None if here else _usr1  # ranks elsewhere may not see the stop file
     # one host: the ranks' MPI traffic through shared memory only, no TCP port of theirs open to the network
-    local_only = ["--mca", "btl", "self,sm"] if here and not any("btl" in a for a in args.mpirun_arg) else []
+    local_only = ["--mca", "btl", "self,sm"] if here and not any("btl" in a for a in args.mpirun_arg) \
+        and (mpi.open_mpi_major() or 0) >= 5 else []
     restarts = job.cfg.mpi.max_restarts if args.max_restarts is None else args.max_restarts
     for attempt in range(1, restarts + 2):
         if restarts:
@@ -285,6 +286,8 @@ def _supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None
                 relay(proc)
             failures.say(f"[dist-train] {signal.Signals(signum).name}: asked the job to checkpoint and stop "
                          f"(within {STOP_GRACE_S:.0f} s; again to stop at once)")
+        elif asked and len(got) == 2:  # the stop asked is not awaited: end it as a first signal would
+            _signal(proc, signal.SIGTERM, whole_group)
         else:
             _signal(proc, signal.SIGTERM if len(got) == 1 else signal.SIGKILL, whole_group or len(got) > 1)
 

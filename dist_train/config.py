@@ -347,7 +347,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if key is not None and key.type is str and raw.strip() and not raw.strip().startswith(("'", '"')) \
             and raw.strip().lower() not in ("null", "~"):
         return name, raw.strip()
-    if " #" in raw or raw.lstrip().startswith("#"):
+    if (" #" in raw or raw.lstrip().startswith("#")) and not raw.strip().startswith(("'", '"')):
         raise ConfigError(name, f"--set value {raw!r}: '#' starts a YAML comment, which would cut it short; "
                                 f"quote the value (--set '{name}=\"...\"')")
     try:

@@ -114,7 +114,7 @@ def read_inputs(path: str | Path, sample_shape, label_column: str) -> np.ndarray
         table = pa.concat_tables([pq.read_table(f) for f in data.parquet_files(path)])
         if label_column not in table.schema.names:
             table = table.append_column(label_column, pa.array(np.zeros(table.num_rows, np.int64)))
-        x, _ = data.table_to_arrays(table, label_column, str(path))
+        x, _ = data.table_to_arrays(table, label_column, str(path), strings=True)  # the label is not read here
     x = np.asarray(x, dtype=np.float32)
     try:
         return x.reshape(len(x), *sample_shape)
@@ -143,10 +143,13 @@ def predict_run(run_dir: str | Path, inputs: str | Path, out: str | Path, batch_
             preds.append(to_predictions(meta["loss"], outputs).numpy())
             if probabilities:
                 probs.append(losses.probabilities(meta["loss"], outputs).numpy())
-    pred = np.concatenate(preds) if preds else np.zeros(0)
+    pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
     names = cfg.data.label_map if meta["loss"] == "cross_entropy" else None
-    columns = {"row": np.arange(len(x), dtype=np.int64),
-               "prediction": np.asarray(names, dtype=object)[pred] if names else pred}
+    columns = {"row": np.arange(len(x), dtype=np.int64)}
+    if pred.ndim > 1 and out.suffix.lower() == ".csv":  # a CSV cell holds one value: a column per output
+        columns.update({f"prediction_{j}": pred[:, j] for j in range(pred.shape[1])})
+    else:
+        columns["prediction"] = np.asarray(names, dtype=object)[pred] if names else pred
     if probabilities:
         p = np.concatenate(probs) if probs else np.zeros((0, meta["outputs"]), np.float32)
         classes = names or [str(c) for c in range(p.shape[1])]

@@ -293,6 +293,7 @@ def _labels(path: Path, y: np.ndarray, label_map=None) -> tuple[np.ndarray, tupl
     if y.ndim == 0:
         raise DataError(f"{path}: labels must hold one label per row (shape (rows,) or (rows, k)), got a 0-d array")
     if y.dtype.kind in "US":
+        y = y.astype(str)  # bytes decoded: b"cat" is the class cat
         if y.ndim != 1:
             raise DataError(f"{path}: string labels must be one per row, got shape {y.shape}")
         return string_classes(path, y, label_map)

@@ -48,7 +48,7 @@ def _train(world, argv) -> None:
     job = prepare_everywhere(world, make_job)
     cfg = job.cfg
     attempt = os.environ.get(ATTEMPT_ENV)  # set by dist-train mpi, which restarts a failed job
-    if cfg.mpi.max_restarts and attempt is None and world.rank == 0:
+    if cfg.mpi.max_restarts and STARTED_ENV not in os.environ and world.rank == 0:  # not under dist-train mpi
         failures.say(f"warning: mpi.max_restarts={cfg.mpi.max_restarts} does nothing under a plain mpirun, which "
                      f"cannot restart itself: use dist-train mpi (--max-restarts), or your scheduler's requeue "
                      f"with --resume")
@@ -87,6 +87,21 @@ def command(n: int, program: list[str], extra: list[str] = (), cores: int | None
         if name in (os.environ if env is None else env):  # terminal; and which attempt of a restarted job this is
             cmd += ["-x", name]
     return cmd + list(extra) + [str(c) for c in program]
+
+
+def open_mpi_major() -> int | None:
+    """The major version of the mpirun this launcher would start, if it is Open MPI's (its
+    `--mca btl self,sm` names differ before 5; MPICH takes no --mca)."""
+    import re
+    import subprocess
+
+    mpirun = find_executable("mpirun")
+    try:
+        text = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return None
+    found = re.search(r"Open MPI\)? (\d+)\.", text)
+    return int(found.group(1)) if found else None
 
 
 def program(job_argv: list[str]) -> list[str]:

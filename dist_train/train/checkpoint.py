@@ -70,11 +70,15 @@ def save(directory: str | Path, step: int, state: dict, keep: int) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name(step)
+    written = False
     try:
         digest = atomic_save(path, state)
+        written = True
         atomic_write(path.with_name(path.name + ".sha256"), digest.encode())
     except OSError as e:  # a full disk, a quota, a file size limit: the temporary file is gone, the last one stays
-        path.unlink(missing_ok=True)  # (a checkpoint without its checksum would be skipped anyway)
+        if written:  # the new bytes are in place but their checksum is not: neither file stands for them
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".sha256").unlink(missing_ok=True)
         raise UserError(f"{e.strerror or e} writing checkpoint step {step} in {directory}; the previous "
                         f"checkpoint is intact (free space, then --resume)") from None
     older = [p for p in listing(directory) if p != path and p.name < path.name]  # never newer ones

@@ -108,12 +108,12 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
     failures.PROGRESS.training = True  # from here a worker that leaves fails the job
     stop_file = run.writer.out / preempt.STOP_FILE if run.writer.active else None  # rank 0 looks for it
     try:
-        with preempt.catching(stop_file):
+        with preempt.catching(stop_file):  # (through finish too: a signal there lets the run end as it is)
             while run.pos.epoch < cfg.train.epochs and run.stopped_by == "epochs":
                 run_epoch(run)
             if run.stop:
                 stop(run)
-        return finish(run, write_outputs)
+            return finish(run, write_outputs)
     except BaseException as e:
         run.writer.tracking_failed(killed=isinstance(e, Preempted))  # MLflow: KILLED or FAILED, not RUNNING
         raise
@@ -140,7 +140,7 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads
     plan = sharding.step_samples(n=data.n, seed=cfg.seed, world=comm.world_size, batch_size=cfg.train.batch_size,
                                  accumulate=cfg.train.accumulate, eval_fraction=cfg.data.eval_fraction,
                                  sampling=cfg.data.sampling)
-    ckpt = newest_checkpoint(writer, len(plan) * cfg.train.accumulate) if resume and out_dir else None
+    ckpt = newest_checkpoint(writer, len(plan) * cfg.train.accumulate, cfg) if resume and out_dir else None
     pos = restore(ckpt, model, optimizer, cfg, comm.world_size, scaler) if ckpt is not None else Position()
     fingerprint = data.fingerprint()
     agree_at_start(comm, cfg, fingerprint, pos.step)  # dist: one config, data and start, before any buffer
@@ -164,11 +164,11 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads
     return run
 
 
-def newest_checkpoint(writer: RunWriter, batches_per_epoch: int) -> dict | None:
+def newest_checkpoint(writer: RunWriter, batches_per_epoch: int, cfg) -> dict | None:
     """The newest checkpoint in --out that verifies and is well formed (the older ones are
     tried in turn); UserError where there are checkpoints but none of them is usable."""
     ckpt = checkpoint.latest(writer.checkpoint_dir, warn=writer.log,
-                             check=lambda c: well_formed(c, batches_per_epoch))
+                             check=lambda c: well_formed(c, batches_per_epoch, cfg))
     if ckpt is None and checkpoint.listing(writer.checkpoint_dir):
         raise UserError(f"--resume: every checkpoint in {writer.checkpoint_dir} is corrupt or unreadable; "
                         f"nothing to continue from (drop --resume to start again)")

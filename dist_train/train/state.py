@@ -94,9 +94,11 @@ _TYPES = {"format": int, "model": dict, "optimizer": dict, "position": dict, "rn
           "world_size": int}
 
 
-def well_formed(ckpt, batches_per_epoch: int) -> None:
+def well_formed(ckpt, batches_per_epoch: int, cfg=None) -> None:
     """UserError naming what is wrong with a checkpoint whose bytes verified but whose
-    content does not make one (a missing key, a wrong type, a position past the data)."""
+    content does not make one (a missing key, a wrong type, a position past the data: the
+    last only where `cfg` reads the data as the checkpoint's run did, else restore and
+    resumable say what changed)."""
     if not isinstance(ckpt, dict):
         raise UserError(f"it holds a {type(ckpt).__name__}, not a checkpoint's dict")
     for key, kind in _TYPES.items():
@@ -113,9 +115,14 @@ def well_formed(ckpt, batches_per_epoch: int) -> None:
             raise UserError(f"its position's {key} is {got[key]!r}, not a {type(default).__name__}")
         if got[key] < 0:
             raise UserError(f"its position's {key} is negative ({got[key]})")
-    if got["batch"] > batches_per_epoch:
+    if got["batch"] > batches_per_epoch and (cfg is None or _same_order(ckpt, cfg)):
         raise UserError(f"its position (batch {got['batch']} of the epoch) is past the data's "
                         f"{batches_per_epoch} batches per epoch")
+
+
+def _same_order(ckpt: dict, cfg) -> bool:
+    old, new = dict(config.flat_items(ckpt["config"])), dict(config.flat_items(config.to_dict(cfg)))
+    return all(old.get(k) == new.get(k) for k in ORDER_KEYS)
 
 
 def resumable(ckpt: dict, pos: Position, fingerprint: dict, cfg) -> None:

@@ -273,3 +273,38 @@ def test_a_checkpoint_that_does_not_fit_on_disk_is_one_line_and_the_previous_sta
                                              f"space, then --resume)"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert not list(out.rglob("*.tmp"))
+
+
+def test_byte_string_labels_and_quoted_hashes_and_a_parquet_with_string_labels_to_predict(tmp_path):
+    np.savez(tmp_path / "b.npz", x=np.zeros((4, 2), np.float32), y=np.array([b"cat", b"dog", b"cat", b"dog"]))
+    assert data.load_npz(tmp_path / "b.npz").label_names == ("cat", "dog")
+    assert config.parse_override('train.optimizer="a #b"') == ("train.optimizer", "a #b")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    r = np.random.default_rng(0)
+    x = r.normal(size=(40, 3))
+    pq.write_table(pa.table({"f": [list(v) for v in x], "label": ["a" if v[0] > 0 else "b" for v in x]}),
+                   tmp_path / "s.parquet")
+    out = tmp_path / "run"
+    assert local("conf/xor.yaml", out, "data.name=parquet", f"data.path={tmp_path / 's.parquet'}",
+                 "train.epochs=3").returncode == 0
+    assert cli.main(["predict", str(out), str(tmp_path / "s.parquet"), "--out", str(tmp_path / "p.parquet")]) == 0
+    assert set(pq.read_table(tmp_path / "p.parquet").column("prediction").to_pylist()) <= {"a", "b"}
+
+
+def test_a_failed_save_of_a_step_already_saved_keeps_that_checkpoint(tmp_path, monkeypatch):
+    from dist_train.train import checkpoint
+
+    state = {"w": torch.ones(3)}
+    checkpoint.save(tmp_path, 5, state, keep=3)
+    good = (tmp_path / "step-00000005.pt").read_bytes()
+
+    def no_space(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_save", no_space)
+    with pytest.raises(UserError, match="No space left on device writing checkpoint step 5"):
+        checkpoint.save(tmp_path, 5, state, keep=3)  # finish() saving the step advance() saved
+    assert (tmp_path / "step-00000005.pt").read_bytes() == good
+    assert checkpoint.read_verified(tmp_path / "step-00000005.pt")["w"].tolist() == [1.0, 1.0, 1.0]
