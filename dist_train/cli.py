@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import config, device, failures, preempt, usercode
+from .data.items import jsonable
 from .errors import UserError
 from .files import ATTEMPT_ENV, ATTEMPT_NAME, claim_attempt
 from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
@@ -124,12 +125,12 @@ def _mpi(args) -> int:
         raise UserError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     args.out = args.out or default_out(args.config)
     job = prepare(args, args.n, lock="check")  # refuse bad input, or an --out in use, before any rank starts
-    if _ranks_here(args.mpirun_arg, os.environ):
+    here = _ranks_here(args.mpirun_arg, os.environ)
+    if here:
         device.preflight(job.cfg, args.n)  # e.g. cuda:0 for 2 ranks: one line here, not MPI_ABORT on each rank
     env = dict(os.environ)
     env.setdefault(PROGRESS_ENV, "bar" if sys.stdout.isatty() else "lines")
     env.setdefault(STARTED_ENV, repr(time.time()))  # the metrics' wall clock counts mpirun's start-up too
-    here = _ranks_here(args.mpirun_arg, os.environ)
     relay = None if here else _usr1  # ranks elsewhere may not see the stop file
     # one host: the ranks' MPI traffic through shared memory only, no TCP port of theirs open to the network
     local_only = ["--mca", "btl", "self,sm"] if here and not any("btl" in a for a in args.mpirun_arg) \
@@ -141,7 +142,7 @@ def _mpi(args) -> int:
             claim_attempt(args.out, attempt)  # an older attempt's rank 0 can no longer write there
         cmd = mpi.command(args.n, mpi.program(job_argv(args)), local_only + args.mpirun_arg, env=env)
         failures.say("+ " + " ".join(cmd))
-        code, signalled = _supervise(cmd, env, whole_group=False, out=Path(args.out), relay=relay)
+        code, signalled = supervise(cmd, env, whole_group=False, out=Path(args.out), relay=relay)
         if code in FINAL_CODES or signalled or attempt > restarts:
             break
         args.resume = bool(checkpoint.listing(Path(args.out) / "checkpoints"))
@@ -189,7 +190,7 @@ def _spark(args) -> int:
     failures.say("+ " + " ".join(cmd))
     env = spark_env()
     env.setdefault(STARTED_ENV, repr(time.time()))  # the metrics' wall clock counts the JVM's start-up too
-    return supervise(cmd, env, whole_group=True, out=Path(args.out))
+    return supervise(cmd, env, whole_group=True, out=Path(args.out))[0]
 
 
 def _config(args) -> int:
@@ -216,7 +217,7 @@ def _use(args) -> int:
     from . import use
 
     if args.command == "eval":
-        print(json.dumps(use.jsonable_numbers(use.evaluate_run(args.run_dir, args.data, trust_code=args.trust_code)),
+        print(json.dumps(jsonable(use.evaluate_run(args.run_dir, args.data, trust_code=args.trust_code)),
                          allow_nan=False))
     elif args.command == "predict" and args.spark:
         rows = _spark_predict(args)
@@ -254,13 +255,7 @@ COMMANDS = {"local": _local, "mpi": _mpi, "spark": _spark, "config": _config, "p
 
 
 def supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None = None,
-              relay: Callable[[subprocess.Popen], None] | None = None) -> int:
-    """_supervise's exit code."""
-    return _supervise(cmd, env, whole_group=whole_group, out=out, relay=relay)[0]
-
-
-def _supervise(cmd: list[str], env: dict, *, whole_group: bool, out: Path | None = None,
-               relay: Callable[[subprocess.Popen], None] | None = None) -> tuple[int, bool]:
+              relay: Callable[[subprocess.Popen], None] | None = None) -> tuple[int, bool]:
     """Run `cmd` in a session of its own and wait for it; this process returns its exit code.
 
     A first SIGINT, SIGTERM, SIGHUP or SIGUSR1 to this process, once the job trains (its

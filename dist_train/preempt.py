@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from .files import atomic_write
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOP_FILE = ".stop"
 POLL_S = 0.25  # how often the stop file is looked for (a stat; the step itself only reads the clock)
@@ -60,14 +62,9 @@ def read(path: Path) -> int:
 
 def ask(out: str | Path, signum: int) -> None:
     """Ask the workers of the run in `out` to checkpoint and stop: its stop file, written
-    whole (a temporary name, then a rename), so a reader sees it complete or not at all."""
-    path = Path(out) / STOP_FILE
-    tmp = path.with_name(f"{STOP_FILE}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(signal.Signals(signum).name)
-        os.replace(tmp, path)
-    except OSError:  # an --out that went away: there is nothing left to stop
-        tmp.unlink(missing_ok=True)
+    whole, so a reader sees it complete or not at all."""
+    with contextlib.suppress(OSError):  # an --out that went away: there is nothing left to stop
+        atomic_write(Path(out) / STOP_FILE, signal.Signals(signum).name.encode())
 
 
 def clear(out: str | Path) -> None:

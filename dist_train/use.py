@@ -85,17 +85,6 @@ def _check_labels(where: str, y: np.ndarray, meta: dict) -> None:
             raise DataError(f"{where}: label {bad} is out of range for the model's {meta['outputs']} classes")
 
 
-def jsonable_numbers(tree):
-    """NaN and Inf as null, so what is printed is valid JSON (a NaN input gives a NaN loss)."""
-    if isinstance(tree, dict):
-        return {k: jsonable_numbers(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [jsonable_numbers(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
-
-
 def read_inputs(path: str | Path, sample_shape, label_column: str) -> np.ndarray:
     """Features from .npz (array x) or Parquet (every column but the label), shaped for the model."""
     path = Path(path)

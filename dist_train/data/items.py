@@ -22,6 +22,7 @@ started once per epoch and killed with their worker.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -227,11 +228,14 @@ def shape_of(xb, batched: bool = True):
 
 
 def jsonable(shape):
-    """A sample description for JSON: lists for tuples."""
+    """A sample description (or any tree of numbers) for strict JSON: lists for tuples, null
+    for NaN and Inf (a NaN input gives a NaN loss)."""
     if isinstance(shape, dict):
         return {k: jsonable(v) for k, v in shape.items()}
     if isinstance(shape, (tuple, list)):
         return [jsonable(v) for v in shape]
+    if isinstance(shape, float) and not math.isfinite(shape):
+        return None
     return shape
 
 
