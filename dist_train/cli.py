@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import config, device, failures, preempt, usercode
-from .data.items import jsonable
+from . import config, failures, preempt, usercode
 from .errors import UserError
 from .files import ATTEMPT_ENV, ATTEMPT_NAME, claim_attempt
-from .launchers.common import _Parser, add_job_args, default_out, find_executable, job_argv, prepare
-from .train import checkpoint
-from .train.clock import STARTED_ENV
-from .train.outputs import PROGRESS_ENV
+from .jobenv import PROGRESS_ENV, STARTED_ENV
+from .launchers.args import _Parser, add_job_args, default_out, find_executable, job_argv
+
+# torch (~1 s to import) only where a command needs it: `dist-train spark` starts the JVM without it
 
 KILL_AFTER_S = 15.0  # after forwarding a signal, what is still running then is killed
 STOP_GRACE_S = 60.0  # after asking a training job to checkpoint and stop, how long it may take
@@ -117,7 +116,10 @@ def _local(args) -> int:
 
 
 def _mpi(args) -> int:
+    from . import device
     from .launchers import mpi
+    from .launchers.common import prepare
+    from .train import checkpoint
 
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")
@@ -215,6 +217,7 @@ def _plot(args) -> int:
 
 def _use(args) -> int:
     from . import use
+    from .data.items import jsonable
 
     if args.command == "eval":
         print(json.dumps(jsonable(use.evaluate_run(args.run_dir, args.data, trust_code=args.trust_code)),

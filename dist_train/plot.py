@@ -43,7 +43,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     (loss_step, loss_time, bars), (acc_step, acc_time, blank) = axes
     blank.axis("off")
-    names, parts = [], {"compute": [], "comm": [], "wait": [], "data": []}
+    names, parts = [], {k: [] for k in ("compute", "optimizer", "comm", "wait", "data", "other")}
     for run in map(Path, runs):
         steps, held, summary = _read(run)
         label = f"{run.name} ({summary['launcher']}, {summary['world_size']})" if summary else f"{run.name} (running)"

@@ -27,7 +27,7 @@ from .data import WorkerData
 from .data.items import from_jsonable, jsonable
 from .errors import DataError, UserError, first_line
 from .files import atomic
-from .launchers.common import find_executable
+from .launchers.args import find_executable
 from .train import losses, metrics
 from .train.evaluate import evaluate
 from .train.losses import predict as to_predictions

@@ -6,7 +6,7 @@ import pytest
 
 from dist_train import cli
 from dist_train.errors import UserError
-from dist_train.launchers import common, mpi
+from dist_train.launchers import args, mpi
 
 from .helpers import BIN, ROOT, ok, run
 
@@ -22,7 +22,7 @@ def test_mpirun_command_adds_the_flags_people_forget():
 
 def test_active_environment_mpirun_is_found_first():
     if (BIN / "mpirun").exists():
-        assert common.find_executable("mpirun") == str(BIN / "mpirun")
+        assert args.find_executable("mpirun") == str(BIN / "mpirun")
 
 
 def test_missing_mpirun_is_one_line(monkeypatch):
@@ -81,3 +81,13 @@ def test_config_prints_the_merged_validated_config(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["config", str(ROOT / "conf/digits.yaml"), "--set", "train.lr=-1"])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: config error: train.lr: must be > 0, got -1.0"
+
+
+def test_the_wrappers_command_line_imports_no_torch():
+    """`dist-train spark` only starts spark-submit: torch's second of imports is the driver's."""
+    import subprocess
+    import sys
+
+    code = "import sys, dist_train.cli; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert p.stdout.strip() == "False"

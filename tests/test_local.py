@@ -235,3 +235,22 @@ def test_resume_refuses_data_that_changed_and_a_run_already_past_its_end(tmp_pat
     p = run_local("conf/digits.yaml", out, *sets, "train.epochs=6", resume=True)
     assert p.returncode == 2 and "the data changed since the checkpoint: first rows " in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_step_is_broken_down_by_kind_and_held_out_evaluation_is_not_the_loop(tmp_path):
+    """Time the loop spends between steps (here a slow metrics consumer) is `other`; an
+    evaluation between steps is not (its records are slow too, and are left out)."""
+    import time
+
+    cfg = config.load(ROOT / "conf/digits.yaml", ["train.epochs=1", "train.max_steps=8", "train.log_every=2",
+                                                  "train.eval_every=1", "model.hidden=[16]"])
+
+    def slow(rec):
+        time.sleep(0.04 if rec["kind"] == "step" else 0.2)
+
+    result = fit(cfg, LocalComm(), WorkerData.whole(data.digits(), 10), on_record=slow)
+    seconds = result.summary["seconds"]
+    assert list(seconds) == ["data", "compute", "optimizer", "comm", "wait", "other"]
+    assert seconds["optimizer"] > 0 and seconds["compute"] > 0
+    # 3 logged steps' sleeps fall between steps (the 4th after the last); 8 evaluations' do not
+    assert 0.11 <= seconds["other"] < 0.5, seconds

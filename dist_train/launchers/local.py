@@ -15,7 +15,8 @@ from .. import device, failures
 from ..comm import LocalComm
 from ..train import fit
 from ..train.clock import job_start
-from .common import job_parser, prepare
+from .args import job_parser
+from .common import prepare
 
 
 def main(argv: list[str] | None = None) -> int:

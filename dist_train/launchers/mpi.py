@@ -20,9 +20,10 @@ from ..comm import connect
 from ..errors import UserError
 from ..files import ATTEMPT_ENV, attempt_fence
 from ..train import fit
-from ..train.clock import STARTED_ENV, job_start
-from ..train.outputs import PROGRESS_ENV
-from .common import find_executable, job_parser, prepare, prepare_everywhere
+from ..jobenv import PROGRESS_ENV, STARTED_ENV
+from ..train.clock import job_start
+from .args import find_executable, job_parser
+from .common import prepare, prepare_everywhere
 
 
 

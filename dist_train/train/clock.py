@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import time
 
+from ..jobenv import STARTED_ENV
 from .gradsync import TIMES
 
-STARTED_ENV = "DIST_TRAIN_STARTED"  # the job's start (epoch seconds), set by the dist-train wrappers
 STEADY_SKIP = 5  # steps left out of the steady-state speed (warm-up, allocator growth)
 
 

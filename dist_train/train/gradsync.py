@@ -4,8 +4,7 @@ Every trainable parameter's `.grad` is a view into one flat buffer, so backward 
 straight into it: no packing before the allreduce, no unpacking after. Behind the
 gradients sit a few statistics of the local batch, summed in the same collective:
 
-    [ grads ... | loss sum | samples | the previous step's data, compute, exchange and wait
-                seconds | each metric's (sum, count) | each rank's arrival at the exchange
+    [ grads ... | loss sum | samples | the previous step's seconds by kind (TIMES) | each metric's (sum, count) | each rank's arrival at the exchange
                 | each rank's non-finite flag | the signal each rank was asked to stop with ]
 
 Where the mean is taken: each worker multiplies its summed loss by 1 / (the step's
@@ -28,8 +27,12 @@ from torch import nn
 from .. import comm as comms
 from .. import models
 
-FIXED = 6  # loss sum, samples, and the previous step's seconds (TIMES), summed over workers
-TIMES = ("data", "compute", "comm", "wait")
+# a step's seconds by kind: gathering the batch, forward and backward (with clearing the
+# gradients), the optimizer step, the exchange once all have arrived, waiting for the last
+# to arrive, and the loop's Python between two steps (bookkeeping, logs, checkpoints; not
+# held-out evaluations)
+TIMES = ("data", "compute", "optimizer", "comm", "wait", "other")
+FIXED = 2 + len(TIMES)  # loss sum, samples, and the previous step's seconds (TIMES), summed over workers
 # a models.Linear writes its gradients in place from this weight size on: below it the
 # Python autograd.Function (~30 us a layer) costs more than the passes it saves. In a
 # world of one only where autograd would map a fresh gradient each step: glibc mmaps

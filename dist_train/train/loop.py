@@ -245,7 +245,9 @@ def held_out(run: Run, result: dict | None = None) -> dict:
         result = evaluate(run.cfg, run.comm, run.model, run.data, run.device, run.loss, run.metrics)
     run.writer.metric(eval_record(run, result))
     run.last_eval = run.pos.step
-    run.clock.exclude(time.perf_counter() - t0)
+    spent = time.perf_counter() - t0
+    run.clock.exclude(spent)
+    run.step.pause(spent)
     return result
 
 

@@ -25,6 +25,7 @@ from .. import config, models, preempt
 from ..data.items import from_jsonable
 from ..errors import UserError, first_line
 from ..files import atomic_write
+from ..jobenv import PROGRESS_ENV
 from . import checkpoint
 
 
@@ -70,7 +71,6 @@ def probe_writable(path: Path, what: str) -> None:
         raise UserError(f"{what} {path}: its filesystem has {free / 2**20:.1f} MiB free; free some space first")
 
 
-PROGRESS_ENV = "DIST_TRAIN_PROGRESS"  # bar | lines: overrides the terminal test (mpirun gives ranks a pty)
 
 
 class RunWriter:

@@ -19,8 +19,24 @@ import torch
 from .. import failures, models, preempt
 from ..errors import TrainingError
 from .gradsync import TIMES, StepStats
+from .optim import step_function
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ENGINE_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def backward_from(loss: torch.Tensor, grad: torch.Tensor) -> None:
+    """loss.backward(grad), for a plain tensor straight into autograd's engine, as
+    torch.autograd.backward calls it once it has checked its arguments: that check imports
+    torch.fx's symbolic shapes and sympy on the first call (~0.5 s of every worker's
+    start-up here) to compare two shapes, equal here by construction (0-d). Anything else
+    (a tensor subclass, a shape mismatch, a loss without a graph) takes torch's own path
+    and its messages."""
+    if (_ENGINE_BACKWARD is None or type(loss) is not torch.Tensor or loss.grad_fn is None
+            or loss.shape != grad.shape or loss.dtype != grad.dtype or loss.device != grad.device):
+        loss.backward(grad)
+        return
+    _ENGINE_BACKWARD((loss,), (grad,), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
 
 class Step:
@@ -29,8 +45,10 @@ class Step:
         self.loss, self.metrics, self.device, self.log = loss, metrics, device, log
         self.autocast = AUTOCAST[cfg.train.precision]  # None: fp32
         self.scaler = scaler  # fp16's LossScale
+        self.optimizer_step = step_function(optimizer)
         self.last_times = (0.0,) * len(TIMES)  # this worker's previous step, sent along with the next one's gradients
         self.since = None  # when this worker left the previous exchange: arrivals are counted from there
+        self.ended = None  # when the previous step returned: the loop's time between steps is counted from there
         self.skipped = 0  # steps skipped for a non-finite loss
         self._scale = (None, None)  # (1 / the step's global count, as the tensor backward starts from)
 
@@ -40,6 +58,7 @@ class Step:
         `logged`: compute the metrics too."""
         t0 = time.perf_counter()
         since = self.since if self.since is not None else t0
+        between = t0 - self.ended if self.ended is not None else 0.0
         failures.PROGRESS.step = number
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -55,10 +74,15 @@ class Step:
             raise TrainingError(f"step {number}: the workers' batches hold {stats.count} samples, the plan says "
                                 f"{count}: do all workers read the same data?")
         self._apply(number, stats)
-        t4 = time.perf_counter()
+        t4 = self.ended = time.perf_counter()
         waited = min(stats.waited, t3 - t2)
-        self.last_times = (t_data, (t2 - t0 - t_data) + (t4 - t3), t3 - t2 - waited, waited)
+        self.last_times = (t_data, t2 - t0 - t_data, t4 - t3, t3 - t2 - waited, waited, between)  # TIMES
         return stats
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` spent between two steps (a held-out evaluation) out of `other`."""
+        if self.ended is not None:
+            self.ended += seconds
 
     def _forward_backward(self, micro, scale: float, logged: bool):
         model = self.model
@@ -82,7 +106,7 @@ class Step:
             # dist: backward from 1 / the global count (not 1), so the summed gradients are the mean
             # (fp16: times the loss scale, a power of two);
             # the same floats as (loss * scale).backward(), without a node for the product
-            loss.backward(self._scale[1])
+            backward_from(loss, self._scale[1])
             samples += n
             loss_sum = loss_sum + loss.detach() if i else loss.detach()  # one micro-batch: no tensor op
             if logged:
@@ -99,13 +123,13 @@ class Step:
         fp16: gradients that overflowed at the loss scale skip the step, everywhere alike."""
         if not stats.nonfinite_ranks:
             if self.scaler is None:
-                self.optimizer.step()
+                self.optimizer_step()
                 return
             scale = self.scaler.scale
             overflow = self.scaler.unscale(self.grads.grad_tensors())  # the summed gradients: alike everywhere
             self.scaler.update(overflow)
             if not overflow:
-                self.optimizer.step()
+                self.optimizer_step()
             else:
                 self.log(f"[dist-train] step {number}: fp16 gradients overflowed at loss scale {scale:g}; "
                          f"step skipped, scale now {self.scaler.scale:g}")

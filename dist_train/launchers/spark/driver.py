@@ -38,7 +38,8 @@ from ...train import Result, tracking, validate
 from ...train.checkpoint import load_bytes
 from ...train.summary import count, eval_text
 from ...train.outputs import prepare_out_dir, write_final
-from ..common import job_parser, out_dir
+from ..args import job_parser
+from ..common import out_dir
 from . import feed, progress
 from .session import session
 from .task import RESULT_SCHEMA, STOPPED_CHUNK, Gpus, TrainTask
@@ -211,22 +212,30 @@ def probe(_):
             found.append(getattr(importlib.import_module(name), "__version__", "?"))
         except Exception as e:
             missing = missing or f"{name} ({type(e).__name__}: {e})"
+    if not missing:
+        try:  # what the barrier task imports: Spark reuses this Python worker for it
+            importlib.import_module("dist_train.launchers.spark.task")
+        except Exception:
+            pass
     return "\\n".join([sys.executable, " ".join(found), missing])
 """
 
 
-def check_executors(spark) -> None:
-    """One small task first: an executor whose Python cannot import torch or dist_train is
-    one line here, not a barrier stage's failure text. The probe is a plain Python UDF (no
-    Arrow, which needs pyarrow there) compiled outside any module, so cloudpickle ships it
-    by value and it runs where dist_train is missing."""
+def check_executors(spark, workers: int = 1) -> None:
+    """One small task per worker first: an executor whose Python cannot import torch or
+    dist_train is one line here, not a barrier stage's failure text; and the Python workers
+    the barrier stage then reuses have imported what its tasks need (~2 s each here, in
+    parallel now, where the stage would start them one after the other). The probe is a
+    plain Python UDF (no Arrow, which needs pyarrow there) compiled outside any module, so
+    cloudpickle ships it by value and it runs where dist_train is missing."""
     from pyspark.sql import functions as F
 
     namespace = {"__name__": "dist_train_probe"}
     exec(compile(_PROBE, "<dist-train probe>", "exec"), namespace)  # noqa: S102 - our own constant source
     probe = F.udf(namespace["probe"], "string", useArrow=False)
     try:
-        python, _versions, missing = spark.range(1, numPartitions=1).select(probe("id")).first()[0].split("\n")
+        answers = [row[0].split("\n") for row in spark.range(workers, numPartitions=workers).select(probe("id")).collect()]
+        python, _versions, missing = next((a for a in answers if a[2]), answers[0])
     except Exception as e:  # noqa: BLE001 - the worker could not even start: find why in Spark's text
         gone = re.search(r"No module named '([\w.]+)'", str(e))
         if gone is None:
@@ -265,7 +274,7 @@ def train(spark, cfg, df=None, *, sets=(), out_dir=None, resume: bool = False, l
     executors_python(spark)
     ship_user_code(spark, cfg)
     log("[dist-train] spark: checking the executors and the data")
-    check_executors(spark)
+    check_executors(spark, cfg.spark.workers)
     source = _source(spark, cfg, df, given)
     lock = OutLock(out).acquire() if out is not None else None  # the driver writes the run: it holds --out
     try:

@@ -4,7 +4,7 @@ task's shard (feed.spool_shard), then the same `fit` as every launcher.
 Rank 0 opens a TCPStore on its executor's address; allGather shares the port. The
 allGather runs in a thread from the task's first moment: Spark answers a barrier call
 about a second after the last task arrives, and the task spends that second assembling
-its shard and importing what its first optimizer step would.
+its shard.
 """
 
 from __future__ import annotations
@@ -166,8 +166,6 @@ class Rendezvous:
             self.error = e
 
     def finish(self) -> tuple[Environment, object]:
-        import torch._dynamo  # noqa: F401 - torch.optim imports it at the first step (~1 s): do it while Spark answers
-
         self.thread.join()
         if self.error is not None:
             raise self.error
