@@ -5,7 +5,10 @@
 
 Workloads: conf/bench_mlp.yaml (784-512-512-10), bench_lenet.yaml, bench_wide.yaml
 (784-4096-4096-10, 20 M parameters); global batch 128, synthetic MNIST-shaped data.
-Reported: steady-state training samples/s (first 5 steps left out), median over repetitions.
+Reported: steady-state training samples/s (first 5 steps left out), median over repetitions;
+where an MPI step's time goes against local-2x's (ms per step by kind); launch to the first
+training step of `dist-train local|mpi -n 2|spark` on conf/digits.yaml (a new user's first run).
+Our rows evaluate nothing while they train (train.eval_every: 0), as the peers do not.
 Repetitions are interleaved (every row once, then every row again), so a drift in this
 machine's speed over minutes shifts all rows alike instead of the ratios between them.
 
@@ -13,6 +16,10 @@ Rows (2 processes get 1 torch thread each, the single process all cores):
   plain-1         the plain single-process PyTorch loop (peers/plain_loop.py)
   local           dist-train local mode
   mpi-2           dist-train, mpirun -n 2
+  local-2x        two dist-train local runs at once, 1 thread and half the global batch each: the
+                  ceiling that counts (the same engine, nothing exchanged), their summed speed over
+                  the window in which both ran (from their metrics lines' wall clock)
+  torchrun-2      a user's script on dist_train.fit (peers/user_fit.py), torchrun --nproc-per-node 2
   mpi-2 threads=N the same with every rank on all cores (torch's default): the thread budget's effect
   ddp-2           PyTorch DDP, gloo, torchrun --nproc_per_node 2 (peers/ddp_train.py)
   ref-fused-2     hand-written mpi4py: flatten, one Allreduce, divide, copy back (peers/mpi_ref.py)
@@ -90,11 +97,15 @@ def _last_json(out: str) -> dict:
 
 def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"train.max_steps={steps + 5}", "train.epochs=1000", "data.eval_fraction=0.01", *extra_sets]
+        sets = [f"train.max_steps={steps + 5}", "train.epochs=1000", "data.eval_fraction=0.01", "train.eval_every=0",
+                *extra_sets]
         args = [config, "--out", Path(tmp) / "run"] + [a for s in sets for a in ("--set", s)]
         start = time.perf_counter()
         if launcher == "local":
             _run([sys.executable, ROOT / "launchers/local.py", *args])
+        elif launcher == "torchrun":
+            _run([BIN / "torchrun", "--nproc-per-node", 2, "--master-port", 29512, ROOT / "scripts/peers/user_fit.py",
+                  config, Path(tmp) / "run", *sets])
         elif launcher == "mpi":
             _run([*MPIRUN, sys.executable, ROOT / "launchers/mpi.py", *args])
         else:
@@ -105,7 +116,41 @@ def ours(launcher: str, config: str, steps: int, extra_sets=()) -> dict:
         sec, timed = s["seconds_mean_over_workers"], max(s["steps_run"] - 1, 1)  # mean over workers
         return {"sps": s["steady_samples_per_sec"], "wall": wall, "comm_ms": 1000 * sec["comm"] / timed,
                 "wait_ms": 1000 * sec["wait"] / timed, "data_pct": 100 * sec["data"] / sum(sec.values()),
-                "rss_mb": s["peak_rss_mb"], "grad_bytes": s["grad_bytes"]}
+                "rss_mb": s["peak_rss_mb"], "grad_bytes": s["grad_bytes"],
+                **{f"{k}_ms": 1000 * v / timed for k, v in sec.items()}}
+
+
+def local_pair(config: str, steps: int) -> dict:
+    """Two local runs started together, 1 thread and half the global batch each: their
+    summed samples/s over the window in which both ran (metrics lines every tenth of the steps,
+    on one wall clock), and their mean ms per step by kind."""
+    every = max(steps // 10, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**spark_env(), "DIST_TRAIN_STARTED": repr(time.time())}  # one wall clock for both
+        sets = [f"train.max_steps={steps + 5}", "train.epochs=1000", "data.eval_fraction=0.01", "train.eval_every=0",
+                "threads=1", "train.batch_size=64", f"train.log_every={every}"]
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, ROOT / "launchers/local.py", config, "--out", Path(tmp) / f"r{i}",
+                                   *[a for s in sets for a in ("--set", s)]], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for i in range(2)]
+        for p in procs:
+            if p.wait(timeout=240) != 0:
+                raise RuntimeError(f"local-2x: a run failed:\n{p.stderr.read()[-2000:]}")
+        wall = time.perf_counter() - start
+        lines = [[r for r in map(json.loads, (Path(tmp) / f"r{i}" / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "step"] for i in range(2)]
+        lo, hi = max(rows[0]["wall"] for rows in lines), min(rows[-1]["wall"] for rows in lines)
+        sps = 0.0
+        for rows in lines:
+            inside = [r for r in rows if lo <= r["wall"] <= hi]
+            if len(inside) < 2:
+                raise RuntimeError("local-2x: the two runs did not overlap for two metrics lines")
+            sps += (inside[-1]["samples"] - inside[0]["samples"]) / (inside[-1]["wall"] - inside[0]["wall"])
+        summaries = [json.loads((Path(tmp) / f"r{i}" / "summary.json").read_text()) for i in range(2)]
+        kinds = {k: statistics.mean(1000 * s["seconds"][k] / s["steps_run"] for s in summaries)
+                 for k in summaries[0]["seconds"]}
+        return {"sps": sps, "wall": wall, "rss_mb": max(s["peak_rss_mb"] for s in summaries),
+                **{f"{k}_ms": v for k, v in kinds.items()}}
 
 
 def peer(cmd: list, timeout: int = 240) -> dict:
@@ -121,6 +166,8 @@ def runners(quick: bool, workload: str) -> dict:
         "plain-1": lambda c, s: peer([sys.executable, ROOT / "scripts/peers/plain_loop.py", c, "--steps", s]),
         "local": lambda c, s: ours("local", c, s),
         "mpi-2": lambda c, s: ours("mpi", c, s),
+        "local-2x": local_pair,
+        "torchrun-2": lambda c, s: ours("torchrun", c, s),
         "ddp-2": lambda c, s: peer([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", 29511,
                                     ROOT / "scripts/peers/ddp_train.py", c, "--steps", s]),
         "ref-fused-2": lambda c, s: peer([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", c,
@@ -147,6 +194,34 @@ def bare_allreduce_ms(config: str, steps: int) -> tuple[float, float]:
     out = _last_json(_run([*MPIRUN, sys.executable, ROOT / "scripts/peers/mpi_ref.py", config, "--mode", "bare",
                            "--steps", steps]))
     return out["loop_ms"], out["step_ms"]
+
+
+STARTUP = {"local": ["local"], "mpi -n 2": ["mpi", "-n", "2"], "spark local[2]": ["spark", "--master", "local[2]"]}
+
+
+def startup(reps: int) -> dict:
+    """Seconds from launching `dist-train local|mpi|spark` on conf/digits.yaml to the end of
+    its first training step (its first metrics line's wall clock, which counts from the
+    launch given as DIST_TRAIN_STARTED), and to its exit; medians of `reps`."""
+    found = {}
+    for name, cmd in STARTUP.items():
+        firsts, exits = [], []
+        for _ in range(reps):
+            with tempfile.TemporaryDirectory() as tmp:
+                launched = time.time()
+                env = {**spark_env(), "DIST_TRAIN_STARTED": repr(launched)}
+                p = subprocess.run([BIN / "dist-train", *cmd, "conf/digits.yaml", "--out", Path(tmp) / "run",
+                                    "--set", "train.log_every=1", "--set", "train.max_steps=3"],
+                                   capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+                if p.returncode != 0:
+                    raise RuntimeError(f"dist-train {name} failed:\n{p.stderr[-2000:]}")
+                exits.append(time.time() - launched)
+                first = json.loads((Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()[0])
+                firsts.append(first["wall"])
+        found[name] = (statistics.median(firsts), statistics.median(exits))
+        print(f"  start-up {name:16} first step {found[name][0]:5.2f} s, exit {found[name][1]:5.2f} s",
+              file=sys.stderr, flush=True)
+    return found
 
 
 def interleaved(fns: dict, reps: int) -> dict:
@@ -204,6 +279,32 @@ def table(rows, reps: int) -> str:
     return "\n".join(lines)
 
 
+KINDS = ("data", "compute", "optimizer", "comm", "wait", "other")
+TARGETS = "mpi-2 / local-2x >= 0.97, torchrun-2 / mpi-2 >= 0.95, spark-2 / mpi-2 >= 0.97, mpi-2 / ddp-2 >= 2.5"
+
+
+def targets(rows, launch: dict | None) -> str:
+    """Issue 20's ratios, and where an MPI-2 step's time goes against a local-2x run's."""
+    lines = [f"Targets ({TARGETS}):", "", "| workload | mpi-2 / local-2x | torchrun-2 / mpi-2 | spark-2 / mpi-2 | "
+             "mpi-2 / ddp-2 | ms per step, mpi-2 (" + ", ".join(KINDS) + ") | ms per step, local-2x |", "|---" * 7 + "|"]
+    for w, r, _ in rows:
+        def ratio(a, b):
+            return f"{r[a]['sps'] / r[b]['sps']:.2f}x" if a in r and b in r else "-"
+
+        def ms(row):
+            return " / ".join(f"{r[row].get(f'{k}_ms', float('nan')):.2f}" for k in KINDS)
+
+        lines.append(f"| {w} | {ratio('mpi-2', 'local-2x')} | {ratio('torchrun-2', 'mpi-2')} | "
+                     f"{ratio('spark-2', 'mpi-2')} | {ratio('mpi-2', 'ddp-2')} | {ms('mpi-2')} | {ms('local-2x')} |")
+    if launch:
+        lines += ["", "Launch to the end of the first training step, conf/digits.yaml (targets: local <= 2 s, "
+                  "mpi -n 2 <= 4 s, spark local[2] <= 10 s):", "", "| | " + " | ".join(launch) + " |",
+                  "|---" * (len(launch) + 1) + "|",
+                  "| first step, s | " + " | ".join(f"{v[0]:.2f}" for v in launch.values()) + " |",
+                  "| exit, s | " + " | ".join(f"{v[1]:.2f}" for v in launch.values()) + " |"]
+    return "\n".join(lines)
+
+
 def _memory(ours: dict, ceiling: dict) -> str:
     """Issue 5's memory rule: no more than one extra copy of the parameters plus gradients
     beyond what PyTorch itself holds (the no-sync peer: the same model, SGD and batches)."""
@@ -243,6 +344,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--workloads", default="mlp,lenet,wide")
+    p.add_argument("--no-startup", action="store_true", help="leave out the start-up table (~1 min a repetition)")
     p.add_argument("--out", type=Path, default=None,
                    help="write OUT.md, OUT.json and OUT.png (default docs/bench[-quick])")
     args = p.parse_args()
@@ -256,7 +358,8 @@ def main() -> None:
             print(f"  {w:6} {name:18} {r['sps']:10,.0f} samples/s  {r['wall']:6.1f} s wall",
                   file=sys.stderr, flush=True)
         rows.append((w, res, bare_allreduce_ms(config, steps)))
-    text = table(rows, reps)
+    launch = None if args.no_startup else startup(reps)
+    text = table(rows, reps) + "\n\n" + targets(rows, launch)
     print(text)
     out = args.out or ROOT / "docs" / ("bench-quick" if args.quick else "bench")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +367,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(  # the medians, for scripts/cost_model.py
         {"reps": reps, "quick": args.quick, "workloads": {
             w: {"rows": res, "bare_allreduce_ms": {"loop": bare[0], "between_steps": bare[1]}}
-            for w, res, bare in rows}}, indent=1) + "\n")
+            for w, res, bare in rows}, "startup_s": launch}, indent=1) + "\n")
     try:
         chart(rows, out.with_suffix(".png"))
     except ImportError:
