@@ -4,7 +4,8 @@ Every trainable parameter's `.grad` is a view into one flat buffer, so backward 
 straight into it: no packing before the allreduce, no unpacking after. Behind the
 gradients sit a few statistics of the local batch, summed in the same collective:
 
-    [ grads ... | loss sum | samples | the previous step's seconds by kind (TIMES) | each metric's (sum, count) | each rank's arrival at the exchange
+    [ grads ... | loss sum | samples | the previous step's seconds by kind (TIMES)
+                | each metric's (sum, count) | each rank's arrival at the exchange
                 | each rank's non-finite flag | the signal each rank was asked to stop with ]
 
 Where the mean is taken: each worker multiplies its summed loss by 1 / (the step's

@@ -71,8 +71,6 @@ def probe_writable(path: Path, what: str) -> None:
         raise UserError(f"{what} {path}: its filesystem has {free / 2**20:.1f} MiB free; free some space first")
 
 
-
-
 class RunWriter:
     def __init__(self, out_dir: str | Path | None, active: bool, stream=sys.stdout, fence=None,
                  tensorboard: bool = False, on_record=None):
