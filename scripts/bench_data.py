@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dist_train  # noqa: E402
 from dist_train import data, device  # noqa: E402
 
-STORED, SIZE, CROP = 128, 32, 28  # stored PNG side, decoded-and-resized side, crop
+SIZE, CROP = 32, 28  # decoded-and-resized side, crop
+ARRAY = "array (pre-decoded, .npz)"
 
 
 class PngImages:
@@ -53,12 +54,12 @@ class PngImages:
         return torch.from_numpy(x.copy()).unsqueeze(0), int(self.labels[i])
 
 
-def make_images(n: int, seed: int = 0):
+def make_images(n: int, stored: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n)
     pngs, decoded = [], np.zeros((n, 1, CROP, CROP), np.float32)
     for i in range(n):
-        img = Image.fromarray((rng.random((STORED, STORED)) * 64 + labels[i] * 19).astype(np.uint8))
+        img = Image.fromarray((rng.random((stored, stored)) * 64 + labels[i] * 19).astype(np.uint8))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         pngs.append(buf.getvalue())
@@ -85,13 +86,17 @@ def main():
     ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--stored", type=int, default=128, help="side of the stored PNGs (28: MNIST's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the training process in every row (default: as local mode decides)")
     a = ap.parse_args()
-    pngs, decoded, labels = make_images(a.images)
-    base = {"train": {"epochs": a.epochs, "batch_size": 64, "log_every": 0}, "data": {"eval_fraction": 0.1}}
+    pngs, decoded, labels = make_images(a.images, a.stored)
+    base = {"train": {"epochs": a.epochs, "batch_size": 64, "log_every": 0}, "data": {"eval_fraction": 0.1},
+            "threads": a.threads}
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "decoded.npz"
         np.savez(npz, x=decoded, y=labels)
-        rows = {"array (pre-decoded, .npz)": lambda: train({**base, "data": {**base["data"], "name": "npz",
+        rows = {ARRAY: lambda: train({**base, "data": {**base["data"], "name": "npz",
                                                                               "path": str(npz)}})}
         for w in (0, 1, 2):
             rows[f"PNG dataset, data.workers={w}"] = (
@@ -100,13 +105,15 @@ def main():
         for _ in range(a.reps):
             for name, fn in rows.items():
                 got[name].append(fn())
-    print(f"\n{a.images} images {STORED}x{STORED} PNG -> decode, resize to {SIZE}x{SIZE}, random {CROP}x{CROP} crop "
+    print(f"\n{a.images} images {a.stored}x{a.stored} PNG -> decode, resize to {SIZE}x{SIZE}, random {CROP}x{CROP} crop "
           f"+ flip; LeNet, batch 64, {a.epochs} epochs, local mode, {device.host_cores()} cores; median of {a.reps}\n")
-    print("| data | samples/s | wall s | vs 0 workers |\n|---|---|---|---|")
+    print("| data | samples/s | wall s | vs 0 workers | vs pre-decoded |\n|---|---|---|---|---|")
     zero = statistics.median(r[0] for r in got["PNG dataset, data.workers=0"])
+    array = statistics.median(r[0] for r in got[ARRAY])
     for name, runs in got.items():
         rate = statistics.median(r[0] for r in runs)
-        print(f"| {name} | {rate:,.0f} | {statistics.median(r[1] for r in runs):.1f} | {rate / zero:.2f}x |")
+        print(f"| {name} | {rate:,.0f} | {statistics.median(r[1] for r in runs):.1f} | {rate / zero:.2f}x "
+              f"| {rate / array:.2f}x |")
 
 
 if __name__ == "__main__":
