@@ -155,6 +155,11 @@ KEYS: tuple[Key, ...] = (
         optional=True),
     Key("data.sampling", str, "shard", "shard: each worker shuffles its own fixed shard; global: each step is a "
         "slice of one global permutation (same result as local mode)", ("shard", "global")),
+    Key("data.shuffle_window", int, 0, "rows shuffled together: 0 = all of a worker's rows; N = windows of N "
+        "consecutive rows, visited in a shuffled order and each shuffled within itself, the next one read ahead "
+        "from disk in one sequential span (data larger than memory; a worker keeps up to two windows' rows "
+        "mapped, at least data.resident_mb)",
+        check=_non_negative),
     Key("data.eval_fraction", float, 0.2, "fraction of rows held out for evaluation (chosen by seed)", check=_fraction),
     Key("data.size", int, 10000, "synthetic: number of samples", check=_positive),
     Key("data.classes", int, 10, "synthetic: number of classes", check=_positive),

@@ -87,3 +87,42 @@ def test_held_out_rows_depend_on_the_seed_only_and_are_computable_per_row():
 def test_no_shuffle_keeps_row_order():
     rows = np.concatenate(plan(50, 2, 1, shuffle=False, frac=0))
     assert rows.tolist() == list(range(25, 50))
+
+
+def windowed(n, w, r, window, epoch=0, sampling="shard", frac=0.2, batch=8):
+    return sharding.epoch_batches(n=n, seed=3, epoch=epoch, rank=r, world=w, batch_size=batch, eval_fraction=frac,
+                                  sampling=sampling, shuffle=True, window=window)
+
+
+@pytest.mark.parametrize("sampling", ["shard", "global"])
+@pytest.mark.parametrize("n,w,window", [(97, 1, 10), (1000, 3, 64), (1000, 4, 7), (50, 2, 1)])
+def test_a_shuffle_window_visits_every_row_once_a_window_at_a_time(n, w, window, sampling):
+    """data.shuffle_window: the same rows as the plain shuffle, each once; the order goes
+    through windows of `window` consecutive training rows, one after another, in an order
+    that changes by epoch; deterministic."""
+    for epoch in (0, 1):
+        mine = [windowed(n, w, r, window, epoch, sampling) for r in range(w)]
+        plain = [plan(n, w, r, epoch, sampling) for r in range(w)]
+        pairs = zip(mine, plain) if sampling == "shard" else [(sum(mine, []), sum(plain, []))]  # global: all ranks'
+        for got, ref in pairs:
+            assert sorted(np.concatenate(got).tolist()) == sorted(np.concatenate(ref).tolist())
+        assert [[b.tolist() for b in m] for m in mine] == [[b.tolist() for b in windowed(n, w, r, window, epoch,
+                                                                                          sampling)] for r in range(w)]
+    train = (sharding.split_rows(0, n, 3, 0.2)[0] if sampling == "global"
+             else sharding.split_rows(*sharding.shard_range(n, w, 0), 3, 0.2)[0])
+    window_of = {row: i // window for i, row in enumerate(train.tolist())}
+    order = np.concatenate(windowed(n, w, 0, window, 0, sampling)).tolist()
+    if sampling == "global":
+        order = np.concatenate([np.concatenate([windowed(n, w, r, window, 0, sampling)[s] for r in range(w)])
+                                for s in range(len(windowed(n, w, 0, window, 0, sampling)))]).tolist()
+    seen = [window_of[row] for row in order]
+    runs = [k for i, k in enumerate(seen) if i == 0 or k != seen[i - 1]]
+    assert len(runs) == len(set(runs)) == -(-len(train) // window)  # each window entered once
+    assert runs != sorted(runs) or len(runs) < 3
+    assert order != sorted(order)  # shuffled within the windows too
+
+
+def test_a_window_as_large_as_the_rows_is_the_plain_shuffle():
+    for sampling in ("shard", "global"):
+        assert [b.tolist() for b in windowed(100, 2, 1, 10**6, sampling=sampling)] == \
+               [b.tolist() for b in plan(100, 2, 1, sampling=sampling)]

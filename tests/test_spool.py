@@ -6,6 +6,7 @@ one line naming the column."""
 import os
 
 import numpy as np
+import torch
 import pytest
 
 import dist_train
@@ -72,6 +73,63 @@ def test_parquet_spooled_trains_exactly_what_the_rows_in_memory_train(tmp_path, 
     memory = dist_train.fit({**base, "data": {"name": "npz", "path": str(tmp_path / "rows.npz")}})
     for k, v in spooled.state_dict.items():
         assert np.array_equal(v.numpy(), memory.state_dict[k].numpy()), k
+
+
+def test_a_shuffle_window_trains_the_same_from_a_spool_and_from_memory_and_differs_from_the_plain_order(tmp_path):
+    """data.shuffle_window: the spool reads each next window ahead, the rows in memory do
+    not; the order is the same function of the config, so are the weights."""
+    parquet_and_npz(tmp_path)
+    base = {"model": {"name": "mlp", "hidden": [8]}, "train": {"epochs": 2, "batch_size": 32, "log_every": 0},
+            "threads": 1}
+    runs = {}
+    for name, window in (("parquet", 100), ("npz", 100), ("plain", 0)):
+        source = {"name": "npz", "path": str(tmp_path / "rows.npz")} if name == "npz" else {
+            "name": "parquet", "path": str(tmp_path), "cache_dir": str(tmp_path / "cache"), "resident_mb": 0}
+        runs[name] = dist_train.fit({**base, "data": {**source, "shuffle_window": window}}).state_dict
+    for k, v in runs["parquet"].items():
+        assert np.array_equal(v.numpy(), runs["npz"][k].numpy()), k
+    assert any(not np.array_equal(v.numpy(), runs["plain"][k].numpy()) for k, v in runs["parquet"].items())
+
+
+def test_a_windowed_feed_asks_for_each_next_window_before_it_is_reached(tmp_path, monkeypatch):
+    from dist_train.data import sharding, worker
+
+    n, window = 5000, 1000
+    x = spool.spool((n, 4), np.float32, str(tmp_path))
+    x[:] = np.arange(n, dtype=np.float32)[:, None]
+    y = np.arange(n) % 3
+    batches = sharding.epoch_batches(n=n, seed=1, epoch=0, rank=0, world=1, batch_size=50, eval_fraction=0.0,
+                                     sampling="shard", shuffle=True, window=window)
+    runs = worker.windows(batches, window)
+    assert len(runs) == n // window
+    assert sorted((lo // window, hi - lo) for _, lo, hi in runs) == [(i, window) for i in range(n // window)]
+    assert worker.windows(sharding.epoch_batches(n=n, seed=1, epoch=0, rank=0, world=1, batch_size=50,
+                                                 eval_fraction=0.0, sampling="shard", shuffle=True), n) == [(0, 0, n)]
+    for seed in range(5):  # 4,040 training rows: a short window, batches across two windows after it
+        odd = sharding.epoch_batches(n=5050, seed=seed, epoch=0, rank=0, world=1, batch_size=64, eval_fraction=0.2,
+                                     sampling="shard", shuffle=True, window=window)
+        got = worker.windows(odd, window)
+        assert 4 <= len(got) <= 6 and all(hi - lo <= 1.25 * window / 0.8 * 1.1 for _, lo, hi in got), got
+        covered = np.zeros(5050, bool)
+        for _, lo, hi in got:
+            covered[lo:hi] = True
+        assert covered[np.concatenate(odd)].mean() > 0.95
+    asked, real = [], spool.will_need
+    monkeypatch.setattr(worker, "will_need", lambda a, lo, hi: (asked.append((lo, hi)), real(a, lo, hi)))
+    fed = []
+    for k, (count, xb, yb) in enumerate(data.WorkerData(x, y, n, 3, window=window).feed(0, batches, torch.device("cpu"))):
+        fed.append(xb[:, 0].long().tolist())
+        entered = next(j for j, (first, _, _) in enumerate(runs) if first <= k and
+                       (j + 1 == len(runs) or runs[j + 1][0] > k))
+        for _ in range(50):  # the threads that ask for the next window
+            if len(asked) >= min(entered + 2, len(runs)):
+                break
+            __import__("time").sleep(0.01)
+        assert sorted(asked) == sorted((lo, hi) for _, lo, hi in runs[:entered + 2])
+    assert fed == [b.tolist() for b in batches]
+    heap = np.zeros((10, 4), np.float32)
+    spool.will_need(heap, 0, 10)  # a heap array: nothing to ask for
+    spool.will_need(x, 0, n)
 
 
 @pytest.mark.parametrize("columns, problem", [

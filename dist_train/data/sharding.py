@@ -16,6 +16,10 @@ continues the same order, and there is no `set_epoch` to forget.
   step s is the global batch perm[s*B:(s+1)*B] and worker r takes its slice of it, so
   the union of the local batches is exactly local mode's batch. With N = 1 the two
   modes are the same function.
+- Windows (`data.shuffle_window` W > 0): the rows to permute are cut into windows of W
+  consecutive rows; the windows are visited in a permuted order and each is permuted
+  within itself, so an epoch reads its rows one span of about W rows at a time (a shard
+  on disk larger than memory: WorkerData reads the next window ahead, sequentially).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def local_share(total: int, world: int, rank: int) -> int:
 
 
 def epoch_batches(*, n: int, seed: int, epoch: int, rank: int, world: int, batch_size: int,
-                  eval_fraction: float, sampling: str, shuffle: bool) -> list[np.ndarray]:
+                  eval_fraction: float, sampling: str, shuffle: bool, window: int = 0) -> list[np.ndarray]:
     """The global row indices of this worker's local batch at each step of `epoch`.
 
     Workers may get different numbers of steps (uneven shards, `shard` sampling); the
@@ -69,7 +73,7 @@ def epoch_batches(*, n: int, seed: int, epoch: int, rank: int, world: int, batch
     """
     if sampling == "global":
         train, _ = split_rows(0, n, seed, eval_fraction)
-        order = _permute(train, seed, epoch, 0, shuffle)
+        order = _permute(train, seed, epoch, 0, shuffle, window)
         batches = []
         for start in range(0, len(order), batch_size):
             g = order[start:start + batch_size]
@@ -78,7 +82,7 @@ def epoch_batches(*, n: int, seed: int, epoch: int, rank: int, world: int, batch
     if sampling != "shard":
         raise ValueError(f"unknown sampling {sampling!r}")
     train, _ = split_rows(*shard_range(n, world, rank), seed, eval_fraction)
-    order = _permute(train, seed, epoch, rank, shuffle)
+    order = _permute(train, seed, epoch, rank, shuffle, window)
     local_batch = local_share(batch_size, world, rank)
     return [order[i:i + local_batch] for i in range(0, len(order), local_batch)]
 
@@ -92,10 +96,17 @@ def eval_rows(n: int, seed: int, eval_fraction: float, rank: int, world: int) ->
     return held if eval_fraction > 0 else train
 
 
-def _permute(rows: np.ndarray, seed: int, epoch: int, rank: int, shuffle: bool) -> np.ndarray:
+def _permute(rows: np.ndarray, seed: int, epoch: int, rank: int, shuffle: bool, window: int = 0) -> np.ndarray:
+    """The rows in this epoch's order: one permutation of them all, or (`window` > 0) their
+    windows of `window` consecutive rows in a permuted order, each permuted within itself.
+    A window as large as the rows is the plain permutation."""
     if not shuffle:
         return rows
-    return np.random.default_rng([seed, epoch, rank]).permutation(rows)
+    rng = np.random.default_rng([seed, epoch, rank])
+    if not window or window >= len(rows):
+        return rng.permutation(rows)
+    starts = rng.permutation(np.arange(0, len(rows), window))
+    return np.concatenate([rng.permutation(rows[s:s + window]) for s in starts.tolist()])
 
 
 def train_rows_per_shard(n: int, world: int, seed: int, eval_fraction: float, chunk: int = 1 << 22) -> np.ndarray:

@@ -132,7 +132,7 @@ def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = No
         readers = [pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False) for f in files]  # streamed, not mapped
         total = sum(r.metadata.num_rows for r in readers)
         for f, reader in zip(files, readers):
-            for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for batch in reader.iter_batches(batch_size=batch_rows(reader)):
                 bx, by = table_to_arrays(batch, label_column, str(f), strings=True)
                 if x is None:
                     x = spool.spool((total, *bx.shape[1:]), np.float32, spool.spool_dir(cache_dir))
@@ -156,7 +156,18 @@ def load_parquet(path: str | Path, label_column: str, cache_dir: str | None = No
     return _checked(Path(path), x, np.concatenate(labels), label_map)
 
 
-PARQUET_BATCH_ROWS = 65536  # rows decoded at a time
+PARQUET_BATCH_ROWS = 65536  # rows decoded at a time, at most
+PARQUET_BATCH_BYTES = 16 << 20  # and about this many bytes of them (wide rows: fewer rows a batch)
+
+
+def batch_rows(reader) -> int:
+    """Rows to decode at a time from this Parquet file: PARQUET_BATCH_ROWS, fewer where its
+    rows are wide (the decoded batch and its copies are the load's peak memory: ~1 GB for
+    64k MNIST-sized rows). A row's size is that of its first rows decoded."""
+    first = next(reader.iter_batches(batch_size=256), None)
+    if first is None or not first.num_rows or not first.nbytes:
+        return PARQUET_BATCH_ROWS
+    return max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES * first.num_rows // first.nbytes))
 
 
 def check_parquet_schemas(files: list[Path]) -> None:

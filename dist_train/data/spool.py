@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 
 RESIDENT_BYTES = 64 << 20  # pages a worker keeps mapped between two releases
+WILLNEED_BYTES = 1 << 20  # bytes asked of the disk a call (read_ahead_kb: 128 by default, 1280 per request on most disks)
 
 
 def spool_dir(configured: str | None = None) -> str:
@@ -49,7 +50,6 @@ def spool(shape: tuple[int, ...], dtype, directory: str) -> np.ndarray:
                           f"{e.strerror}") from None
         mm = mmap.mmap(fd, count * dtype.itemsize)
         mm.madvise(mmap.MADV_RANDOM)  # no readahead: small page-cache folios, so a fault maps only its neighbours
-        pass  # mm.madvise(mmap.MADV_RANDOM)  # rows are read at random: map the page asked for, not the 16 around it
     finally:
         os.close(fd)
     return np.frombuffer(mm, dtype, count).reshape(shape)
@@ -64,6 +64,28 @@ def mapping(a: np.ndarray) -> mmap.mmap | None:
             return a._mmap
         a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
     return None
+
+
+def will_need(a: np.ndarray, lo: int, hi: int) -> None:
+    """Ask the kernel to read rows [lo, hi) of a file-backed array into the page cache now,
+    in the background and in large sequential requests (a fault reads page by page, and a
+    spool's readahead is off). Nothing for a heap array or rows that are not contiguous."""
+    m, start, end = _span(a, lo, hi)
+    for at in range(start, end, WILLNEED_BYTES):  # the kernel reads at most its readahead size (read_ahead_kb) a call
+        m.madvise(mmap.MADV_WILLNEED, at, min(WILLNEED_BYTES, end - at))
+
+
+def _span(a: np.ndarray, lo: int, hi: int) -> tuple[mmap.mmap | None, int, int]:
+    """(the mapping, first byte, end byte) of rows [lo, hi) of `a` in its mapping, the first
+    byte on a page boundary; an empty span for a heap array or rows not contiguous."""
+    m = mapping(a)
+    if m is None or hi <= lo or not a.flags.c_contiguous or not len(m):
+        return m, 0, 0
+    view = np.frombuffer(m, np.uint8)  # the mapping's address: where the array's rows lie in it
+    start = a.ctypes.data - view.ctypes.data + lo * a.strides[0]
+    del view
+    end = min(start + (hi - lo) * a.strides[0], len(m))
+    return m, start - start % mmap.PAGESIZE, end
 
 
 class Pager:

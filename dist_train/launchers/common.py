@@ -44,7 +44,8 @@ class Job:
         or the arrays' rows."""
         if isinstance(self.dataset, data.Items):
             return self.dataset
-        return data.WorkerData.whole(self.dataset, self.outputs, resident=self.cfg.data.resident_mb << 20)
+        return data.WorkerData.whole(self.dataset, self.outputs, resident=self.cfg.data.resident_mb << 20,
+                                     window=self.cfg.data.shuffle_window)
 
     @property
     def data_workers(self) -> int:

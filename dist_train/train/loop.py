@@ -180,7 +180,8 @@ def run_epoch(run: Run) -> None:
     cfg, pos, t = run.cfg, run.pos, run.cfg.train
     batches = sharding.epoch_batches(
         n=run.data.n, seed=cfg.seed, epoch=pos.epoch, rank=run.comm.rank, world=run.comm.world_size,
-        batch_size=t.batch_size, eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling, shuffle=t.shuffle)
+        batch_size=t.batch_size, eval_fraction=cfg.data.eval_fraction, sampling=cfg.data.sampling, shuffle=t.shuffle,
+        window=cfg.data.shuffle_window)
     feed = run.data.feed(pos.epoch, batches[pos.batch:], run.device)  # fetched ahead where it can be
     while True:
         if t.max_steps is not None and pos.step >= t.max_steps:

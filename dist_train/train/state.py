@@ -10,7 +10,7 @@ from .. import config
 from ..errors import UserError, first_line
 
 # a resume must read the same rows in the same order: these keys may not change
-ORDER_KEYS = ("seed", "data.name", "data.path", "data.size", "data.sampling", "data.eval_fraction",
+ORDER_KEYS = ("seed", "data.name", "data.path", "data.size", "data.sampling", "data.shuffle_window", "data.eval_fraction",
               "data.target", "data.kwargs", "train.batch_size", "train.shuffle", "train.accumulate")
 
 
@@ -58,7 +58,7 @@ def restore(ckpt: dict, model, optimizer, cfg, world_size: int, scaler=None) -> 
         optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(f"the checkpoint does not fit this model/optimizer: {mismatch(e)}") from None
-    old, new = dict(config.flat_items(ckpt.get("config", {}))), dict(config.flat_items(config.to_dict(cfg)))
+    old, new = _order_of(ckpt.get("config", {})), dict(config.flat_items(config.to_dict(cfg)))
     for key in ORDER_KEYS:
         if old.get(key) != new.get(key):
             raise UserError(f"--resume: the checkpoint was trained with {key}={old.get(key)!r}, this run has "
@@ -121,8 +121,13 @@ def well_formed(ckpt, batches_per_epoch: int, cfg=None) -> None:
 
 
 def _same_order(ckpt: dict, cfg) -> bool:
-    old, new = dict(config.flat_items(ckpt["config"])), dict(config.flat_items(config.to_dict(cfg)))
+    old, new = _order_of(ckpt["config"]), dict(config.flat_items(config.to_dict(cfg)))
     return all(old.get(k) == new.get(k) for k in ORDER_KEYS)
+
+
+def _order_of(saved: dict) -> dict:
+    """A checkpoint's config, flat, with the defaults of keys newer than it (data.shuffle_window)."""
+    return {**config.defaults(), **dict(config.flat_items(saved))} if saved else {}
 
 
 def resumable(ckpt: dict, pos: Position, fingerprint: dict, cfg) -> None:

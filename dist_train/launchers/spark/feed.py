@@ -256,7 +256,7 @@ def shard(spark, source: Source, world: int):
 
 
 def spool_shard(rank: int, world: int, batches, source: Source, cache_dir: str | None = None,
-                resident: int = spool.RESIDENT_BYTES) -> data.WorkerData:
+                resident: int = spool.RESIDENT_BYTES, window: int = 0) -> data.WorkerData:
     """Executor side: this task's shard, rows [lo, hi), written batch by batch into a spool
     on the executor's local disk (row i at position i - lo: no sort, no copy in the heap)."""
     import pyarrow as pa
@@ -288,7 +288,7 @@ def spool_shard(rank: int, world: int, batches, source: Source, cache_dir: str |
     pager.release()
     pa.default_memory_pool().release_unused()  # the batches' buffers: back to the system, not kept by the pool
     return data.WorkerData(x.reshape(hi - lo, *source.sample_shape), y, source.n, source.outputs, offset=lo,
-                           resident=resident)
+                           resident=resident, window=window)
 
 
 def _row_batches(batches):

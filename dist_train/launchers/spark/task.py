@@ -120,7 +120,7 @@ class TrainTask:
         """This task's data: its shard's rows spooled to local disk, or the user's dataset made here."""
         if not self.source.items:
             return feed.spool_shard(rank, self.world, batches, self.source, self.cfg.data.cache_dir,
-                                    self.cfg.data.resident_mb << 20)
+                                    self.cfg.data.resident_mb << 20, self.cfg.data.shuffle_window)
         for _ in batches:  # the input is one key row: read it, as the stage expects
             pass
         items = data.load(self.cfg, self.given.get("data"))
