@@ -125,7 +125,8 @@ def test_a_windowed_feed_asks_for_each_next_window_before_it_is_reached(tmp_path
             if len(asked) >= min(entered + 2, len(runs)):
                 break
             __import__("time").sleep(0.01)
-        assert sorted(asked) == sorted((lo, hi) for _, lo, hi in runs[:entered + 2])
+        spans = [(lo, hi) for _, lo, hi in runs]
+        assert set(spans[:entered + 2]) <= set(asked) <= set(spans[:entered + 3])  # (gathered a batch ahead)
     assert fed == [b.tolist() for b in batches]
     heap = np.zeros((10, 4), np.float32)
     spool.will_need(heap, 0, 10)  # a heap array: nothing to ask for

@@ -65,6 +65,29 @@ def test_data_workers_give_the_batches_the_worker_itself_would(tmp_path):
         assert n == m == 16 and torch.equal(x, x2) and torch.equal(y, y2)
 
 
+def test_a_batch_crosses_from_a_data_worker_as_arrays_and_comes_back_as_the_same_tensors():
+    import pickle
+
+    from dist_train.data import items as items_mod
+
+    batch = ({"left": torch.arange(6.0).reshape(2, 3), "half": torch.ones(2, dtype=torch.bfloat16),
+              "mine": np.arange(3), "n": 7}, [torch.tensor([1, 2]), torch.tensor([True, False])])
+    sent = pickle.loads(pickle.dumps(items_mod._as_arrays(batch)))
+    back = items_mod._as_tensors(sent)
+    assert isinstance(sent[0]["half"], torch.Tensor) and isinstance(sent[0]["mine"], np.ndarray)  # as they are
+    assert back[0]["n"] == 7 and np.array_equal(back[0]["mine"], np.arange(3)) and isinstance(back[1], list)
+    for got, want in [(back[0]["left"], batch[0]["left"]), (back[0]["half"], batch[0]["half"]),
+                      (back[1][0], batch[1][0]), (back[1][1], batch[1][1])]:
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    views = ("data.target=byo:TwoViews", "data.kwargs={}", "model.target=byo:TwoTower", "model.kwargs={}")
+    plain, ahead = data.load(cfg_of(*views, "data.workers=0")), data.load(cfg_of(*views, "data.workers=1"))
+    rows = [np.arange(0, 8), np.arange(8, 16)]
+    for (_, x, y), (_, x2, y2) in zip(plain.feed(1, rows, torch.device("cpu")),
+                                      ahead.feed(1, rows, torch.device("cpu")), strict=True):
+        assert set(x) == set(x2) == {"left", "right"} and all(torch.equal(x[k], x2[k]) for k in x)
+        assert torch.equal(y, y2)
+
+
 def test_a_dict_of_inputs_reaches_the_model_as_keywords():
     cfg = cfg_of("data.target=byo:TwoViews", "data.kwargs={}", "model.target=byo:TwoTower", "model.kwargs={}")
     items = data.load(cfg)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +16,7 @@ from . import transfer
 from .spool import RESIDENT_BYTES, Pager, mapping, will_need
 
 HEAD_ROWS = 64  # rows hashed into the data's fingerprint
+AHEAD = 1  # batches of a file-backed shard gathered ahead of the step
 
 
 @dataclass
@@ -48,10 +51,14 @@ class WorkerData:
 
     def feed(self, epoch: int, batches, device: torch.device, training: bool = True):
         """(samples, inputs, targets) of each of `batches` in turn on `device`: gathered when
-        asked on the CPU, one batch ahead on a side stream on a GPU (transfer.ahead)."""
-        if self.window and isinstance(batches, list) and mapping(self.x) is not None:
+        asked from rows in memory; from a file-backed shard (a spool, a memory-mapped .npz),
+        gathered a batch ahead on a thread, where its page faults overlap the step; copied
+        one batch ahead on a side stream to a GPU (transfer.ahead)."""
+        on_disk = mapping(self.x) is not None
+        if self.window and isinstance(batches, list) and on_disk:
             batches = self._reading_ahead(batches)
-        return transfer.ahead(((len(rows), *self.batch(rows, device)) for rows in batches), device)
+        gathered = ((len(rows), *self.batch(rows, device)) for rows in batches)
+        return transfer.ahead(_ahead_on_a_thread(gathered) if on_disk else gathered, device)
 
     def _reading_ahead(self, batches: list[np.ndarray]):
         """The batches as they are; entering a window's batches, the next window's rows are
@@ -79,6 +86,19 @@ class WorkerData:
     def whole(cls, ds, outputs: int, resident: int = RESIDENT_BYTES, window: int = 0) -> "WorkerData":
         """Every row of `ds` (local mode and MPI ranks hold the whole source)."""
         return cls(ds.x, ds.y, len(ds), outputs, head=head_hash(ds.x, ds.y), resident=resident, window=window)
+
+
+def _ahead_on_a_thread(items, depth: int = AHEAD):
+    """The items of a generator, made on a thread up to `depth` ahead of the one in use (the
+    order and the items are the generator's; its exceptions are raised in turn)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="dist-train-gather") as pool:
+        pending = deque(pool.submit(next, items, None) for _ in range(depth))  # one thread: made in order
+        while True:
+            item = pending.popleft().result()
+            if item is None:
+                return
+            pending.append(pool.submit(next, items, None))
+            yield item
 
 
 def windows(batches: list[np.ndarray], window: int, offset: int = 0) -> list[tuple[int, int, int]]:
