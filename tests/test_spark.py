@@ -107,6 +107,21 @@ def test_partitions_hold_exactly_the_shards(spark):
     assert [sorted(p) for p in got] == expected
 
 
+def test_the_partition_keys_computed_here_are_where_sparks_own_hash_puts_them(spark):
+    """feed.spark_hash_int is Spark's hash(int) for ints of both signs, and each world's
+    keys are the smallest that land in partitions 0..N-1 (what the shards' repartition uses)."""
+    from pyspark.sql import functions as F
+
+    values = list(range(-50, 200)) + [2**31 - 1, -2**31, 123456789]
+    got = spark.createDataFrame([(v,) for v in values], "v int").select("v", F.hash("v").alias("h")).collect()
+    assert {r["v"]: r["h"] for r in got} == {v: feed.spark_hash_int(v) for v in values}
+    for world in (1, 2, 3, 5, 8, 13):
+        keys = feed.partition_keys(world)
+        rows = (spark.range(0, max(keys) + 1).select(F.col("id").cast("int").alias("k"))
+                .select("k", F.pmod(F.hash("k"), F.lit(world)).alias("p")).groupBy("p").agg(F.min("k")).collect())
+        assert sorted((r[0], r[1]) for r in rows) == list(enumerate(keys)), world
+
+
 def test_a_failing_task_ends_the_job_fast_and_the_session_stays_usable(spark, tmp_path):
     beat = tmp_path / "beat"
     start = time.monotonic()

@@ -210,29 +210,32 @@ def _ipc(batch) -> bytes:
 # ---------------------------------------------------------------- the shards
 
 
-def partition_keys(spark, world: int) -> list[int]:
-    """keys[r]: an int whose Spark hash puts it in partition r of `repartition(world, key)`
-    (HashPartitioning is pmod(murmur3(key), world), the `hash` function's). Asked of Spark
-    itself, so no reimplementation of its hash can drift."""
-    from pyspark.sql import functions as F
-
-    if world in _KEYS:
-        return _KEYS[world]
-    ids = F.col("id").cast("int")
+def partition_keys(world: int) -> list[int]:
+    """keys[r]: the smallest int whose Spark hash puts it in partition r of
+    `repartition(world, key)` (HashPartitioning is pmod(murmur3(key), world), the `hash`
+    function's). Computed here, not asked of Spark (a job: ~0.9 s of a job's start);
+    tests/test_spark.py checks it against Spark's own hash, and a key that went astray
+    would be named by the task that got another shard's rows."""
     found: dict[int, int] = {}
-    for lo in range(0, 1 << 30, 64 * world):
-        rows = (spark.range(lo, lo + 64 * world, numPartitions=1)
-                .select(ids.alias("k"), F.pmod(F.hash(ids), F.lit(world)).alias("p"))
-                .groupBy("p").agg(F.min("k").alias("k")).collect())
-        for row in rows:
-            found.setdefault(int(row["p"]), int(row["k"]))
-        if len(found) == world:
-            _KEYS[world] = [found[r] for r in range(world)]
-            return _KEYS[world]
-    raise RuntimeError(f"no hash keys for {world} partitions")  # unreachable for any real world size
+    k = 0
+    while len(found) < world:
+        found.setdefault(spark_hash_int(k) % world, k)  # Python's % is pmod
+        k += 1
+    return [found[r] for r in range(world)]
 
 
-_KEYS: dict[int, list[int]] = {}  # Spark's hash is fixed: the keys of a world size never change
+def spark_hash_int(value: int, seed: int = 42) -> int:
+    """Spark's `hash(int)`: Murmur3_x86_32.hashInt(value, 42), as a signed 32-bit int."""
+    def rotl(x: int, r: int) -> int:
+        return ((x << r) | (x >> (32 - r))) & 0xFFFFFFFF
+
+    k1 = rotl((value & 0xFFFFFFFF) * 0xCC9E2D51 & 0xFFFFFFFF, 15) * 0x1B873593 & 0xFFFFFFFF
+    h1 = (rotl(seed ^ k1, 13) * 5 + 0xE6546B64) & 0xFFFFFFFF
+    h1 ^= 4  # the length in bytes
+    h1 = (h1 ^ (h1 >> 16)) * 0x85EBCA6B & 0xFFFFFFFF
+    h1 = (h1 ^ (h1 >> 13)) * 0xC2B2AE35 & 0xFFFFFFFF
+    h1 ^= h1 >> 16
+    return h1 - (1 << 32) if h1 & 0x80000000 else h1
 
 
 def shard(spark, source: Source, world: int):
@@ -241,7 +244,7 @@ def shard(spark, source: Source, world: int):
     dataset, which each task makes itself)."""
     from pyspark.sql import functions as F
 
-    keys = partition_keys(spark, world)
+    keys = partition_keys(world)
     if source.items:
         df = spark.createDataFrame([(k,) for k in keys], f"{KEY} int")
     elif source.dataset is not None:
