@@ -71,10 +71,12 @@ def test_a_batch_crosses_from_a_data_worker_as_arrays_and_comes_back_as_the_same
     from dist_train.data import items as items_mod
 
     batch = ({"left": torch.arange(6.0).reshape(2, 3), "half": torch.ones(2, dtype=torch.bfloat16),
-              "mine": np.arange(3), "n": 7}, [torch.tensor([1, 2]), torch.tensor([True, False])])
+              "mine": np.arange(3), "n": 7, "sparse": torch.eye(2).to_sparse()},
+             [torch.tensor([1, 2]), torch.tensor([True, False])])
     sent = pickle.loads(pickle.dumps(items_mod._as_arrays(batch)))
     back = items_mod._as_tensors(sent)
     assert isinstance(sent[0]["half"], torch.Tensor) and isinstance(sent[0]["mine"], np.ndarray)  # as they are
+    assert back[0]["sparse"].is_sparse and torch.equal(back[0]["sparse"].to_dense(), torch.eye(2))
     assert back[0]["n"] == 7 and np.array_equal(back[0]["mine"], np.arange(3)) and isinstance(back[1], list)
     for got, want in [(back[0]["left"], batch[0]["left"]), (back[0]["half"], batch[0]["half"]),
                       (back[1][0], batch[1][0]), (back[1][1], batch[1][1])]:

@@ -189,9 +189,10 @@ def _as_arrays(t):
     (a file descriptor a tensor, served by a thread that takes the data worker's GIL).
     Tensors numpy cannot hold (bfloat16, ...) and other leaves go as they are."""
     if isinstance(t, torch.Tensor):
-        if t.device.type == "cpu" and not t.requires_grad and t.dtype in _NUMPY_DTYPES:
+        if (type(t) is torch.Tensor and t.device.type == "cpu" and t.layout == torch.strided and not t.requires_grad
+                and t.dtype in _NUMPY_DTYPES and not t.is_conj() and not t.is_neg()):
             return _Array(t.numpy())
-        return t
+        return t  # a sparse or subclassed tensor, or one numpy cannot hold: torch's own way
     if isinstance(t, dict):
         return {k: _as_arrays(v) for k, v in t.items()}
     if isinstance(t, (tuple, list)):
