@@ -107,14 +107,19 @@ def _metrics(v):
 
 def _optimizer(v):
     """Any torch.optim class by name (any case), or an import path."""
-    if is_target(v):
-        return None
+    if is_target(v) or v.lower() in ALWAYS_OPTIMIZERS:
+        return None  # no torch import: `dist-train spark` checks a config before spark-submit starts
     names = optimizer_names()
     if v.lower() in names:
         return None
     close = difflib.get_close_matches(v.lower(), list(names), n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown optimizer {v!r}: a torch.optim class ({', '.join(sorted(names))}) or 'package.module:Class'{hint}"
+
+
+# in torch.optim in every torch this project accepts (2.2 on); newer ones (adafactor, muon) are looked up
+ALWAYS_OPTIMIZERS = ("adadelta", "adagrad", "adam", "adamax", "adamw", "asgd", "lbfgs", "nadam", "radam",
+                     "rmsprop", "rprop", "sgd", "sparseadam")
 
 
 def optimizer_names() -> dict[str, str]:

@@ -91,3 +91,15 @@ def test_the_wrappers_command_line_imports_no_torch():
     code = "import sys, dist_train.cli; print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert p.stdout.strip() == "False"
+    # nor does checking the config it is given, as `dist-train spark` does before spark-submit starts
+    code = ("import sys; from dist_train import config; "
+            f"config.load({str(ROOT / 'conf/digits.yaml')!r}, ['train.optimizer=AdamW', 'train.momentum=0']); print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert p.stdout.strip() == "False"
+
+
+def test_the_optimizers_checked_without_torch_are_torchs():
+    from dist_train import config
+
+    assert set(config.ALWAYS_OPTIMIZERS) <= set(config.optimizer_names())
+    assert config.load(ROOT / "conf/digits.yaml", ["train.optimizer=Muon"]).train.optimizer == "Muon"  # looked up in torch
