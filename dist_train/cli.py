@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def _ranks_here(mpirun_args, environ) -> bool:
 
 
 def _spark(args) -> int:
-    from .launchers.spark import submit
+    from .launchers.spark import classcache, submit
 
     args.out = args.out or default_out(args.config)
     spark_submit = find_executable("spark-submit")
@@ -187,12 +188,18 @@ def _spark(args) -> int:
         raise UserError("no spark-submit found: install pyspark with `pip install 'dist-train[spark]'`")
     usercode.search_config_dir(args.config)
     shipped = usercode.local_files(config.load(args.config, args.set))  # the user's modules, to the executors
-    cmd = [spark_submit] + (["--master", args.master] if args.master else []) + args.spark_arg
-    cmd += (["--py-files", ",".join(map(str, shipped))] if shipped else []) + [submit.__file__] + job_argv(args)
-    failures.say("+ " + " ".join(cmd))
     env = spark_env()
+    archive, finish = classcache.driver_options(args.spark_arg, env, failures.say)  # the driver JVM's classes, loaded once
+    cmd = [spark_submit] + (["--master", args.master] if args.master else []) + archive + args.spark_arg
+    cmd += (["--py-files", ",".join(map(str, shipped))] if shipped else []) + [submit.__file__] + job_argv(args)
+    failures.say("+ " + shlex.join(map(str, cmd)))
     env.setdefault(STARTED_ENV, repr(time.time()))  # the metrics' wall clock counts the JVM's start-up too
-    return supervise(cmd, env, whole_group=True, out=Path(args.out))[0]
+    ended = None
+    try:
+        code, signalled = ended = supervise(cmd, env, whole_group=True, out=Path(args.out))
+    finally:  # a JVM that ended by itself wrote its whole archive, whatever the job's fate
+        finish(ended is not None and not signalled and code < 128)
+    return code
 
 
 def _config(args) -> int:

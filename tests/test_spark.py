@@ -107,6 +107,26 @@ def test_partitions_hold_exactly_the_shards(spark):
     assert [sorted(p) for p in got] == expected
 
 
+def test_a_dataset_the_driver_holds_reaches_its_tasks_without_a_shuffle_where_it_can(spark):
+    """A world of the session's parallelism (3 cores here: local data is sliced that many
+    ways) scans its rows as a partition each (no Exchange: the session's first shuffle
+    costs ~1 s of start-up); any other world takes the repartition, and still gets
+    exactly its shards."""
+    cfg = config.load(ROOT / "conf/digits.yaml", [])
+    ds = data.load(cfg)
+
+    def plan(world):
+        return feed.shard(spark, feed.dataset_source(cfg, ds, 10), world)._jdf.queryExecution().executedPlan().toString()
+
+    assert "Exchange" not in plan(3)
+    assert "Exchange" in plan(2) and "Exchange" in plan(5)
+    expected = [list(range(r * 1797 // 5, (r + 1) * 1797 // 5)) for r in range(5)]
+    assert shard_rows(spark, feed.dataset_source(cfg, ds, 10), 5) == expected
+    items = feed.shard(spark, feed.Source(None, 7, "label", [], (2,), 2, items=True), 4)
+    assert "Exchange" not in items._jdf.queryExecution().executedPlan().toString()
+    assert sorted(items.rdd.glom().map(len).collect()) == [1, 1, 1, 1]  # a row a task, nothing else
+
+
 def test_the_partition_keys_computed_here_are_where_sparks_own_hash_puts_them(spark):
     """feed.spark_hash_int is Spark's hash(int) for ints of both signs, and each world's
     keys are the smallest that land in partitions 0..N-1 (what the shards' repartition uses)."""

@@ -245,17 +245,28 @@ def shard(spark, source: Source, world: int):
     from pyspark.sql import functions as F
 
     keys = partition_keys(world)
-    if source.items:
-        df = spark.createDataFrame([(k,) for k in keys], f"{KEY} int")
-    elif source.dataset is not None:
+    if source.items:  # each task makes its data: a row a task, partition r the r-th (no shuffle)
+        return spark.range(0, world, 1, numPartitions=world)
+    if source.dataset is not None:
         blobs = [(keys[r], _ipc(to_arrow(source.dataset, *sharding.shard_range(source.n, world, r))))
                  for r in range(world)]
         df = spark.createDataFrame(blobs, f"{KEY} int, {BLOB} binary")
+        if _partitions(df) == world:  # local rows are sliced defaultParallelism ways: with `world` of them,
+            return df  # a row a partition, in order; no shuffle (a session's first costs ~1 s); tasks check their rows
     else:
         part = F.expr(f"int((({ROW} + 1) * {world} - 1) div {source.n})")  # r with r*n//N <= row < (r+1)*n//N
         key = F.array(*[F.lit(k) for k in keys])[part]
         df = source.df.select(ROW, *source.feature_columns, source.label_column, key.alias(KEY))
     return df.repartition(world, KEY)
+
+
+def _partitions(df) -> int | None:
+    """The partitions `df` would scan as, without running a job; None over Spark Connect
+    (no RDD there), where the repartition stays."""
+    try:
+        return df.rdd.getNumPartitions()
+    except Exception:  # noqa: BLE001 - Spark Connect: PySparkNotImplementedError
+        return None
 
 
 def spool_shard(rank: int, world: int, batches, source: Source, cache_dir: str | None = None,

@@ -153,6 +153,8 @@ class Rendezvous:
 
         self.rank, self.world = rank, world
         self.hosts = tuple(info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos())
+        if len(self.hosts) != world:  # every rank would wait for ranks that never come
+            raise RuntimeError(f"the barrier stage has {len(self.hosts)} tasks, spark.workers is {world}")
         self.store, port = torchdist.listen(self.hosts[0]) if rank == 0 else (None, 0)
         self.gathered, self.error = None, None
         self.thread = threading.Thread(target=self._gather, args=(ctx, str(port)), daemon=True,
