@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,19 @@ def test_a_dataset_the_driver_holds_reaches_its_tasks_without_a_shuffle_where_it
     items = feed.shard(spark, feed.Source(None, 7, "label", [], (2,), 2, items=True), 4)
     assert "Exchange" not in items._jdf.queryExecution().executedPlan().toString()
     assert sorted(items.rdd.glom().map(len).collect()) == [1, 1, 1, 1]  # a row a task, nothing else
+
+
+def test_a_built_in_dataset_is_made_by_each_task_and_checked_against_the_drivers(spark, monkeypatch):
+    """No rows travel for built-in data (the tasks make it, as MPI ranks do: the same
+    weights, test above); a task whose rows differ from the driver's stops the job, naming it."""
+    cfg = config.load(ROOT / "conf/digits.yaml", ["spark.workers=2"])
+    source = feed.builtin_source(cfg, data.load(cfg), 10)
+    assert source.dataset is None and source.df is None and source.made
+    assert "Exchange" not in feed.shard(spark, source, 2)._jdf.queryExecution().executedPlan().toString()
+    real = feed.builtin_source
+    monkeypatch.setattr(feed, "builtin_source", lambda *a: replace(real(*a), made="0" * 16))  # the driver's rows, other
+    with pytest.raises(L.TrainingFailed, match=r"\[rank \d\] DataError: data error: digits: this executor makes other rows"):
+        L.train(spark, ROOT / "conf/digits.yaml", sets=[*SMALL, "spark.workers=2"])
 
 
 def test_the_partition_keys_computed_here_are_where_sparks_own_hash_puts_them(spark):

@@ -330,6 +330,9 @@ def _checked(path: Path, x: np.ndarray, y: np.ndarray, label_map=None) -> Datase
     return Dataset(x, y, path.name, names)
 
 
+BUILT_IN = ("xor", "perceptron", "digits", "synthetic")  # made from the package and the config, on any host
+
+
 def load(cfg, given=None):
     """The dataset that `cfg.data` names, as arrays (a Dataset), or the user's map-style
     dataset (`given`, a dataset or a factory, else data.target's factory) as Items.

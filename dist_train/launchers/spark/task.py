@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from ... import data, device, failures
 from ...comm import connect
 from ...comm.env import Environment
-from ...errors import PeerFailure, Preempted, first_line
+from ...data.worker import head_hash
+from ...errors import DataError, PeerFailure, Preempted, first_line
 from ...files import attempt_fence
 from ...train import fit
 from ...train.clock import job_start
@@ -117,7 +118,17 @@ class TrainTask:
         return device.for_worker(self.cfg, env.local_rank, env.local_size, assigned=assigned, pool=self.gpus.pool)
 
     def _shard(self, rank: int, batches):
-        """This task's data: its shard's rows spooled to local disk, or the user's dataset made here."""
+        """This task's data: its shard's rows spooled to local disk, or the user's or a built-in
+        dataset made here."""
+        if self.source.made:
+            for _ in batches:  # the input is one row: read it, as the stage expects
+                pass
+            ds = data.load(self.cfg)
+            if head_hash(ds.x, ds.y) != self.source.made or len(ds) != self.source.n:
+                raise DataError(f"{self.cfg.data.name}: this executor makes other rows than the driver did "
+                                f"(another numpy or dist-train there?): install the driver's versions")
+            return data.WorkerData.whole(ds, self.source.outputs, resident=self.cfg.data.resident_mb << 20,
+                                         window=self.cfg.data.shuffle_window)
         if not self.source.items:
             return feed.spool_shard(rank, self.world, batches, self.source, self.cfg.data.cache_dir,
                                     self.cfg.data.resident_mb << 20, self.cfg.data.shuffle_window)
