@@ -4,8 +4,8 @@ A Spark driver loads ~15,000 classes before its first job; Java 13+ can write th
 run loaded into an archive at exit (-XX:ArchiveClassesAtExit) and map it into the next
 JVM (-XX:SharedArchiveFile) instead of reading, verifying and linking them again. On 2
 cores, spark-submit to its first Python task: 7.4 s without it, 4.6 s with it (Spark
-4.3, Java 17; docs/performance.md). The first run writes the archive (~150 MB, in
-$XDG_CACHE_HOME/dist-train, default ~/.cache/dist-train), and pays ~1 s more at exit.
+4.3, Java 17; docs/performance.md). The first run writes the archive (~160 MB, in
+$XDG_CACHE_HOME/dist-train, default ~/.cache/dist-train), and its exit takes ~10 s more.
 
 Only for the JVM `dist-train spark` starts as the driver (client mode, Java 17 or newer,
 where no spark.driver.defaultJavaOptions of the user's would be overridden);
@@ -48,12 +48,13 @@ def driver_options(spark_args: list[str], environ: Mapping[str, str], say: Calla
         _remove_orphans(folder)
     except OSError:
         return unchanged  # no writable cache: start as Spark does
+    if re.search(r"\s", str(folder)):
+        return unchanged  # Spark splits the option string on white space
     archive = folder / f"jvm-{_key(java, spark_home)}.jsa"
     if archive.is_file():
         return ["--conf", f"{KEY}={QUIET} -XX:SharedArchiveFile={archive}"], _nothing
     written = folder / f"{archive.name}.{os.getpid()}.tmp"
-
-    say(f"[dist-train] spark: the driver JVM writes its class archive as it exits, once (~150 MB in {folder}, "
+    say(f"[dist-train] spark: the driver JVM writes its class archive as it exits, once (~160 MB in {folder}, "
         f"~10 s; later runs start ~3 s sooner; {ENV}=0: not)")
 
     def finish(ok: bool) -> None:
