@@ -126,11 +126,30 @@ def test_a_windowed_feed_asks_for_each_next_window_before_it_is_reached(tmp_path
                 break
             __import__("time").sleep(0.01)
         spans = [(lo, hi) for _, lo, hi in runs]
-        assert set(spans[:entered + 2]) <= set(asked) <= set(spans[:entered + 3])  # (gathered a batch ahead)
+        assert set(spans[:entered + 2]) <= set(asked) <= set(spans[:entered + 3])  # (gathered up to two chunks ahead)
     assert fed == [b.tolist() for b in batches]
     heap = np.zeros((10, 4), np.float32)
     spool.will_need(heap, 0, 10)  # a heap array: nothing to ask for
     spool.will_need(x, 0, n)
+
+
+@pytest.mark.parametrize("n, chunk, depth", [(0, 4, 1), (3, 4, 1), (4, 4, 1), (11, 4, 1), (11, 1, 1), (11, 3, 2)])
+def test_gathered_on_a_thread_in_chunks_the_items_and_their_errors_come_in_order(n, chunk, depth):
+    """A file-backed shard's batches are made on a thread `chunk` at a time (one handover a
+    chunk): the consumer sees the generator's items in order, and an error where it came."""
+    from dist_train.data import worker
+
+    assert list(worker._ahead_on_a_thread(iter(range(n)), depth, chunk)) == list(range(n))
+
+    def failing():
+        yield from range(n)
+        raise DataError("row 7 holds NaN or Inf")
+
+    got = []
+    with pytest.raises(DataError, match="row 7"):
+        for item in worker._ahead_on_a_thread(failing(), depth, chunk):
+            got.append(item)
+    assert got == list(range(n))
 
 
 @pytest.mark.parametrize("columns, problem", [

@@ -13,6 +13,7 @@ random 256-byte rows; docs/performance.md), paid only by shards larger than the 
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import tempfile
@@ -71,8 +72,38 @@ def will_need(a: np.ndarray, lo: int, hi: int) -> None:
     in the background and in large sequential requests (a fault reads page by page, and a
     spool's readahead is off). Nothing for a heap array or rows that are not contiguous."""
     m, start, end = _span(a, lo, hi)
-    for at in range(start, end, WILLNEED_BYTES):  # the kernel reads at most its readahead size (read_ahead_kb) a call
-        m.madvise(mmap.MADV_WILLNEED, at, min(WILLNEED_BYTES, end - at))
+    if start == end:
+        return
+    view = np.frombuffer(m, np.uint8)
+    base = view.ctypes.data
+    try:
+        for at in range(start, end, WILLNEED_BYTES):  # the kernel reads at most its readahead size a call
+            _madvise(m, base, at, min(WILLNEED_BYTES, end - at), mmap.MADV_WILLNEED)
+    finally:
+        del view
+
+
+def _madvise(m: mmap.mmap, base: int, at: int, length: int, advice: int) -> None:
+    """madvise(2) on bytes [at, at + length) of `m` (mapped at `base`), through libc with
+    ctypes, which lets go of the GIL while the kernel works: mmap.madvise holds it, and the
+    training thread stalled up to 5-7 ms a call behind a read-ahead thread. mmap.madvise
+    where libc cannot be found."""
+    if _LIBC_MADVISE is None:
+        m.madvise(advice, at, length)
+    elif _LIBC_MADVISE(base + at, length, advice) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def _libc_madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_LIBC_MADVISE = _libc_madvise()
 
 
 def _span(a: np.ndarray, lo: int, hi: int) -> tuple[mmap.mmap | None, int, int]:
