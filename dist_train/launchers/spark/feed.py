@@ -1,13 +1,15 @@
 """The Spark data feed: a source of rows (a DataFrame, Parquet read by Spark, or a dataset
 the driver holds) checked on the driver, cut into the N shards, and a shard spooled to
-its task's local disk.
+its task's local disk; or, for a built-in dataset or a user's, only a row a task, each
+task making the data itself.
 
 Rows get a global index `__row` (the source's row order) and the key of their shard,
 [r*n/N, (r+1)*n/N) (DESIGN.md invariant 1); `repartition(N, key)` moves shard r to
 partition r (the keys are chosen so that Spark's hash of key r is r), and the barrier
 stage's task r reads it as Arrow batches, writing each into a memory-mapped file on the
 executor's disk (data/spool.py): no shard has to fit in the Python heap. DataFrame APIs
-only, so the same code runs over Spark Connect, which has no RDDs.
+only (a classic session is asked its partitions' count through df.rdd, to skip a
+shuffle), so the same code runs over Spark Connect, which has no RDDs.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ class Source:
 
 
 def dataset_source(cfg, ds: data.Dataset, outputs: int) -> Source:
-    """A dataset the driver already holds (built-in or .npz): cut on the driver into the N
-    shards, each shipped to its task by Spark. No DataFrame round trip: the rows are
-    already here, and a DataFrame would only add a conversion and a shuffle (~6 s for
-    60 MB here). For data larger than the driver's memory use Parquet, read on the executors."""
+    """A dataset the driver already holds (an .npz; a built-in one: builtin_source): cut on
+    the driver into the N shards, each shipped to its task by Spark. No DataFrame round
+    trip: the rows are already here, and a DataFrame would only add a conversion and a
+    shuffle (~6 s for 60 MB here). For data larger than the driver's memory use Parquet,
+    read on the executors."""
     if ds.y.ndim != 1:
         raise DataError(f"{ds.name}: the Spark launcher takes one label per row; targets of shape "
                         f"{list(ds.y.shape[1:])} per row need the local or MPI launcher")
