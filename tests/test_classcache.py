@@ -63,8 +63,8 @@ def test_a_jvm_that_did_not_end_by_itself_leaves_no_archive(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["off", "cluster", "cluster-conf", "user-options", "defaults-file", "java-11",
-                                  "no-java", "unwritable", "space-in-path"])
-def test_left_alone_where_it_could_not_help_or_would_override_the_user(tmp_path, case):
+                                  "no-java", "unwritable", "space-in-path", "disk-full"])
+def test_left_alone_where_it_could_not_help_or_would_override_the_user(tmp_path, case, monkeypatch):
     env, args = fake_install(tmp_path, "11.0.2" if case == "java-11" else "17.0.15"), []
     if case == "off":
         env[classcache.ENV] = "0"
@@ -83,6 +83,8 @@ def test_left_alone_where_it_could_not_help_or_would_override_the_user(tmp_path,
         (tmp_path / "cache").write_text("a file, not a folder")
     elif case == "space-in-path":
         env["XDG_CACHE_HOME"] = str(tmp_path / "my cache")
+    elif case == "disk-full":
+        monkeypatch.setattr(classcache, "ROOM", 1 << 62)
     lines = []
     assert classcache.driver_options(args, env, lines.append)[0] == [] and lines == []
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 ENV = "DIST_TRAIN_CLASS_ARCHIVE"
+ROOM = 1 << 30  # free bytes the cache needs before a JVM is asked to write an archive (~160 MB) there
 KEEP = 2  # archives kept (two Spark or Java installations used in turn do not rewrite each other's)
 QUIET = "-XX:+IgnoreUnrecognizedVMOptions -Xlog:cds*=off -Xlog:class+path=off"  # no JVM lines about the archive
 KEY = "spark.driver.defaultJavaOptions"  # prepended to the user's spark.driver.extraJavaOptions, which stay theirs
@@ -42,17 +43,23 @@ def driver_options(spark_args: list[str], environ: Mapping[str, str], say: Calla
     java, spark_home = _java(environ), _spark_home(environ)
     if java is None or spark_home is None or (_java_major(java) or 0) < 17:
         return unchanged
-    folder = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist-train"
+    try:
+        folder = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dist-train"
+    except RuntimeError:  # no home directory to be found
+        return unchanged
+    if re.search(r"\s", str(folder)):
+        return unchanged  # Spark splits the option string on white space
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _remove_orphans(folder)
+        room = shutil.disk_usage(folder).free
     except OSError:
         return unchanged  # no writable cache: start as Spark does
-    if re.search(r"\s", str(folder)):
-        return unchanged  # Spark splits the option string on white space
     archive = folder / f"jvm-{_key(java, spark_home)}.jsa"
     if archive.is_file():
         return ["--conf", f"{KEY}={QUIET} -XX:SharedArchiveFile={archive}"], _nothing
+    if room < ROOM:
+        return unchanged  # a JVM that cannot write its archive exits with an error: do not ask it to
     written = folder / f"{archive.name}.{os.getpid()}.tmp"
     say(f"[dist-train] spark: the driver JVM writes its class archive as it exits, once (~160 MB in {folder}, "
         f"~10 s; later runs start ~3 s sooner; {ENV}=0: not)")
