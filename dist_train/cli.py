@@ -194,11 +194,11 @@ def _spark(args) -> int:
     cmd += (["--py-files", ",".join(map(str, shipped))] if shipped else []) + [submit.__file__] + job_argv(args)
     failures.say("+ " + shlex.join(map(str, cmd)))
     env.setdefault(STARTED_ENV, repr(time.time()))  # the metrics' wall clock counts the JVM's start-up too
-    ended = None
+    code, signalled = 1, True
     try:
-        code, signalled = ended = supervise(cmd, env, whole_group=True, out=Path(args.out))
+        code, signalled = supervise(cmd, env, whole_group=True, out=Path(args.out))
     finally:  # a JVM that ended by itself wrote its whole archive, whatever the job's fate
-        finish(ended is not None and not signalled and code < 128)
+        finish(not signalled and code < 128)
     return code
 
 

@@ -110,3 +110,19 @@ def check_unlocked(out: str | Path) -> None:
     process that writes the run takes the lock itself)."""
     if (Path(out) / LOCK_NAME).exists():
         OutLock(out).acquire().release()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

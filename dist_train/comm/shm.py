@@ -33,6 +33,7 @@ import torch
 
 from .. import failures
 from ..errors import PeerFailure, first_line
+from ..files import alive
 from .base import Communicator
 
 HEADER_BYTES = 8192  # counters and pids of up to 256 workers
@@ -102,7 +103,7 @@ class _Arrivals:
         late = [r for r in range(self.size) if self.counters[r] < target]
         for r in late:
             pid = int(self.pids[r])
-            if pid and not _alive(pid):
+            if pid and not alive(pid):
                 raise PeerFailure(f"{self.names[r]} exited at step {failures.PROGRESS.step} (pid {pid}) while "
                                   f"{self.names[self.rank]} waited for it")
         if self.timeout_s is not None and waited > self.timeout_s:
@@ -377,19 +378,3 @@ def _token(inner: Communicator) -> str:
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Is `a` the very tensor memory `b` (the shared gradient buffer)?"""
     return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, exited but not yet reaped by its parent, counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] != "Z"
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -71,16 +71,9 @@ def will_need(a: np.ndarray, lo: int, hi: int) -> None:
     """Ask the kernel to read rows [lo, hi) of a file-backed array into the page cache now,
     in the background and in large sequential requests (a fault reads page by page, and a
     spool's readahead is off). Nothing for a heap array or rows that are not contiguous."""
-    m, start, end = _span(a, lo, hi)
-    if start == end:
-        return
-    view = np.frombuffer(m, np.uint8)
-    base = view.ctypes.data
-    try:
-        for at in range(start, end, WILLNEED_BYTES):  # the kernel reads at most its readahead size a call
-            _madvise(m, base, at, min(WILLNEED_BYTES, end - at), mmap.MADV_WILLNEED)
-    finally:
-        del view
+    m, base, start, end = _span(a, lo, hi)
+    for at in range(start, end, WILLNEED_BYTES):  # the kernel reads at most its readahead size a call
+        _madvise(m, base, at, min(WILLNEED_BYTES, end - at), mmap.MADV_WILLNEED)
 
 
 def _madvise(m: mmap.mmap, base: int, at: int, length: int, advice: int) -> None:
@@ -106,17 +99,19 @@ def _libc_madvise():
 _LIBC_MADVISE = _libc_madvise()
 
 
-def _span(a: np.ndarray, lo: int, hi: int) -> tuple[mmap.mmap | None, int, int]:
-    """(the mapping, first byte, end byte) of rows [lo, hi) of `a` in its mapping, the first
-    byte on a page boundary; an empty span for a heap array or rows not contiguous."""
+def _span(a: np.ndarray, lo: int, hi: int) -> tuple[mmap.mmap | None, int, int, int]:
+    """(the mapping, its address, first byte, end byte) of rows [lo, hi) of `a` in its
+    mapping, the first byte on a page boundary; an empty span for a heap array or rows not
+    contiguous."""
     m = mapping(a)
     if m is None or hi <= lo or not a.flags.c_contiguous or not len(m):
-        return m, 0, 0
+        return m, 0, 0, 0
     view = np.frombuffer(m, np.uint8)  # the mapping's address: where the array's rows lie in it
-    start = a.ctypes.data - view.ctypes.data + lo * a.strides[0]
-    del view
+    base = view.ctypes.data
+    del view  # (an exported buffer would keep the mapping from closing)
+    start = a.ctypes.data - base + lo * a.strides[0]
     end = min(start + (hi - lo) * a.strides[0], len(m))
-    return m, start - start % mmap.PAGESIZE, end
+    return m, base, start - start % mmap.PAGESIZE, end
 
 
 class Pager:

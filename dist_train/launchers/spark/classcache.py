@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
+from ...files import alive
+
 ENV = "DIST_TRAIN_CLASS_ARCHIVE"
 ROOM = 1 << 30  # free bytes the cache needs before a JVM is asked to write an archive (~160 MB) there
 KEEP = 2  # archives kept (two Spark or Java installations used in turn do not rewrite each other's)
@@ -138,18 +140,8 @@ def _remove_orphans(folder: Path) -> None:
     """Archives being written by a run that was killed (its process gone)."""
     for tmp in folder.glob("jvm-*.jsa.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _prune(folder: Path) -> None:

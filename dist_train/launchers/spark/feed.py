@@ -257,9 +257,9 @@ def shard(spark, source: Source, world: int):
     dataset, which each task makes itself)."""
     from pyspark.sql import functions as F
 
-    keys = partition_keys(world)
     if source.items or source.made:  # each task makes its data: a row a task, partition r the r-th (no shuffle)
         return spark.range(0, world, 1, numPartitions=world)
+    keys = partition_keys(world)
     if source.dataset is not None:
         blobs = [(keys[r], _ipc(to_arrow(source.dataset, *sharding.shard_range(source.n, world, r))))
                  for r in range(world)]

@@ -120,20 +120,18 @@ class TrainTask:
     def _shard(self, rank: int, batches):
         """This task's data: its shard's rows spooled to local disk, or the user's or a built-in
         dataset made here."""
+        if not (self.source.items or self.source.made):
+            return feed.spool_shard(rank, self.world, batches, self.source, self.cfg.data.cache_dir,
+                                    self.cfg.data.resident_mb << 20, self.cfg.data.shuffle_window)
+        for _ in batches:  # the input is one row: read it, as the stage expects
+            pass
         if self.source.made:
-            for _ in batches:  # the input is one row: read it, as the stage expects
-                pass
             ds = data.load(self.cfg)
             if head_hash(ds.x, ds.y) != self.source.made or len(ds) != self.source.n:
                 raise DataError(f"{self.cfg.data.name}: this executor makes other rows than the driver did "
                                 f"(another numpy or dist-train there?): install the driver's versions")
             return data.WorkerData.whole(ds, self.source.outputs, resident=self.cfg.data.resident_mb << 20,
                                          window=self.cfg.data.shuffle_window)
-        if not self.source.items:
-            return feed.spool_shard(rank, self.world, batches, self.source, self.cfg.data.cache_dir,
-                                    self.cfg.data.resident_mb << 20, self.cfg.data.shuffle_window)
-        for _ in batches:  # the input is one key row: read it, as the stage expects
-            pass
         items = data.load(self.cfg, self.given.get("data"))
         items.outputs = self.source.outputs
         return items
