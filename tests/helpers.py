@@ -61,6 +61,13 @@ def mpirun(n, config, out, *sets, extra=(), resume=False, timeout=120):
     return run(mpirun_cmd(n, program, extra), timeout=timeout)
 
 
+def errors(p) -> list[str]:
+    """The `error:` lines of a finished run, stdout and stderr. mpirun forwards the ranks'
+    lines through its own output, which can put a stray space before one (seen once after
+    its MPI_ABORT banner), so a line is taken with its leading white space dropped."""
+    return [line.lstrip() for line in (p.stderr + p.stdout).splitlines() if line.lstrip().startswith("error:")]
+
+
 def weights(out_dir) -> dict[str, torch.Tensor]:
     return torch.load(Path(out_dir) / "model.pt", weights_only=True)["state_dict"]
 

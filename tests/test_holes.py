@@ -10,14 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from .helpers import BIN, ROOT, env, mpirun, mpirun_cmd, run
+from .helpers import BIN, ROOT, env, errors, mpirun, mpirun_cmd, run
 
 
 FAULTY = ["model.target=tests.faulty:model", "train.epochs=50", "train.log_every=0"]
-
-
-def errors(p):
-    return [line for line in (p.stderr + p.stdout).splitlines() if line.startswith("error:")]
 
 
 def injected_at(marker) -> float:

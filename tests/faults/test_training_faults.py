@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..helpers import ROOT, env, local, mpirun, mpirun_cmd, ok, weights
+from ..helpers import ROOT, env, errors, local, mpirun, mpirun_cmd, ok, weights
 
 
 FAULTY = ["model.target=tests.faulty:model", "train.epochs=30", "train.log_every=0"]
-
-
-def errors(p):
-    return [line for line in (p.stderr + p.stdout).splitlines() if line.startswith("error:")]
 
 
 def test_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
