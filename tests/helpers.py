@@ -63,9 +63,9 @@ def mpirun(n, config, out, *sets, extra=(), resume=False, timeout=120):
 
 def errors(p) -> list[str]:
     """The `error:` lines of a finished run, stdout and stderr. mpirun forwards the ranks'
-    lines through its own output, which can put a stray space before one (seen once after
-    its MPI_ABORT banner), so a line is taken with its leading white space dropped."""
-    return [line.lstrip() for line in (p.stderr + p.stdout).splitlines() if line.lstrip().startswith("error:")]
+    lines through its own output, which can put a NUL byte before one (right after its
+    MPI_ABORT banner: the banner's string terminator), so a line is taken without it."""
+    return [line.lstrip("\0 ") for line in (p.stderr + p.stdout).splitlines() if line.lstrip("\0 ").startswith("error:")]
 
 
 def weights(out_dir) -> dict[str, torch.Tensor]:

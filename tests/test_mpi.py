@@ -11,7 +11,7 @@ import torch
 
 from dist_train import config, data
 
-from .helpers import ROOT, assert_same_weights, local, mpirun, mpirun_cmd, ok, oracle_sgd, run, weights
+from .helpers import ROOT, assert_same_weights, errors, local, mpirun, mpirun_cmd, ok, oracle_sgd, run, weights
 
 
 SMALL = ["train.epochs=2", "model.hidden=[32]", "train.log_every=0"]
@@ -92,8 +92,7 @@ def test_a_failing_rank_ends_the_job_fast(mode, words, tmp_path):
 def test_bad_config_under_mpirun_is_one_line_and_exit_2(tmp_path):
     p = mpirun(2, "conf/xor.yaml", tmp_path / "out", "train.lr=-1", timeout=60)
     assert p.returncode != 0
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: config error: train.lr: must be > 0, got -1.0"]
+    assert errors(p) == ["error: config error: train.lr: must be > 0, got -1.0"]
     assert "Traceback" not in p.stderr
 
 
