@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dist_train.files import attempt_fence, claim_attempt
+from dist_train.train.outputs import RunWriter, StaleRun
 
 from .helpers import BIN, assert_same_weights, local, mpirun, ok, run, weights
 
@@ -26,6 +27,18 @@ def test_an_older_attempt_may_not_write_once_a_newer_one_claimed_the_run(tmp_pat
     assert first()
     claim_attempt(tmp_path / "run", 2)
     assert not first() and attempt_fence(tmp_path / "run", 2)()
+
+
+def test_an_older_attempts_rank_0_writes_no_model_once_a_newer_one_claimed_the_run(tmp_path):
+    claim_attempt(tmp_path, 1)
+    old = RunWriter(tmp_path, active=True, stream=None, fence=attempt_fence(tmp_path, 1))
+    claim_attempt(tmp_path, 2)
+    with pytest.raises(StaleRun, match="a newer attempt owns"):
+        old.final({"state_dict": {}}, {"steps": 1})
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "summary.json").exists()
+    RunWriter(tmp_path, active=True, stream=None, fence=attempt_fence(tmp_path, 2)).final({"state_dict": {}},
+                                                                                         {"steps": 1})
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "summary.json").is_file()
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from .helpers import BIN, ROOT, assert_same_weights, env, mpirun, ok
 
@@ -420,3 +421,52 @@ def test_without_out_the_driver_still_shows_the_progress_as_it_comes(spark):
     assert lines.index(steps[0]) > lines.index(next(x for x in lines if "starting 2 barrier tasks" in x))
     assert max(lines.index(x) for x in steps) < lines.index(next(x for x in lines if "spark: done" in x))
     assert any("epoch 1 done" in x for x in lines)
+
+
+def test_the_model_reaches_the_driver_alike_through_the_shared_out_and_without_one(spark, tmp_path):
+    """With --out rank 0 writes model.pt and summary.json there itself (the driver reads them
+    back for the Result); without one the model travels through Spark to the driver."""
+    sets = ["train.epochs=1", "model.hidden=[16]", "train.log_every=0", "spark.workers=2"]
+    written = L.train(spark, ROOT / "conf/digits.yaml", sets=sets, out_dir=tmp_path / "o", log=lambda line: None)
+    sent = L.train(spark, ROOT / "conf/digits.yaml", sets=sets, log=lambda line: None)
+    on_disk = torch.load(tmp_path / "o" / "model.pt", weights_only=True)["state_dict"]
+    assert on_disk.keys() == written.state_dict.keys() == sent.state_dict.keys()
+    for k in on_disk:
+        assert torch.equal(on_disk[k], written.state_dict[k]) and torch.equal(on_disk[k], sent.state_dict[k])
+        assert torch.equal(written.model.state_dict()[k], on_disk[k])
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["steps"] == written.summary["steps"]
+    assert not (tmp_path / "o" / ".attempt").exists()
+
+
+def test_a_driver_that_does_not_find_what_rank_0_wrote_says_out_must_be_shared(tmp_path):
+    from dist_train.errors import UserError
+    from dist_train.launchers.spark import driver
+
+    with pytest.raises(UserError, match="--out must be a path the driver and every executor share"):
+        driver._written(tmp_path)
+
+
+def test_under_a_local_master_the_tasks_meet_in_a_store_the_driver_opens(spark):
+    """No allGather (Spark answers it up to a second late) where every task runs on the
+    driver's host; elsewhere rank 0 opens the store and allGather shares its port (the
+    standalone cluster's tests run that path)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dist_train.launchers.spark import driver
+
+    store, at = driver._driver_store(spark)
+    assert at[0] == "127.0.0.1"
+    joined = dist.TCPStore(at[0], at[1], 2, is_master=False, timeout=timedelta(seconds=10))  # as a task joins
+    joined.set("rank 1", "here")
+    assert store.get("rank 1") == b"here"
+
+    class Conf(dict):
+        def get(self, key, default=None):
+            return super().get(key, default)
+
+    class Cluster:  # a classic session on a cluster's master: the tasks may run on other hosts
+        conf, sparkContext = Conf({"spark.master": "spark://head:7077"}), None
+
+    assert driver._driver_store(Cluster()) == (None, None)

@@ -86,15 +86,13 @@ class Run:
 
 
 def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = "local", local_rank: int = 0,
-        local_size: int = 1, device: Choice | None = None, threads: int | None = None, write_outputs: bool = True,
-        fence=None, quiet: bool = False, model=None, loss=None, on_record=None,
+        local_size: int = 1, device: Choice | None = None, threads: int | None = None, fence=None, quiet: bool = False, model=None, loss=None, on_record=None,
         job_started: float | None = None) -> Result:
     """Train `cfg` on this worker's `data` (a data.WorkerData, or data.Items) with peers
     reachable through `comm`.
 
     `model` (an nn.Module or a factory) and `loss` (fn(outputs, targets) -> per-sample
-    losses) stand in for what the config names; `write_outputs=False` leaves model.pt and
-    summary.json to the caller (the Spark driver); `fence`, if given, is asked before each
+    losses) stand in for what the config names; `fence`, if given, is asked before each
     write whether this run still owns --out; `quiet` prints nothing (the Spark driver
     shows progress from metrics.jsonl instead); `on_record`, if given, gets rank 0's
     metrics records as they are logged (the Spark driver's progress without --out).
@@ -113,7 +111,7 @@ def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = 
                 run_epoch(run)
             if run.stop:
                 stop(run)
-            return finish(run, write_outputs)
+            return finish(run)
     except BaseException as e:
         run.writer.tracking_failed(killed=isinstance(e, Preempted))  # MLflow: KILLED or FAILED, not RUNNING
         raise
@@ -274,7 +272,7 @@ def stop(run: Run) -> None:
     raise Preempted(signum, pos.step, where, rank if run.comm.world_size > 1 else None)
 
 
-def finish(run: Run, write_outputs: bool) -> Result:
+def finish(run: Run) -> Result:
     """The last checkpoint, evaluation, the summary and (rank 0) model.pt."""
     cfg, writer = run.cfg, run.writer
     run.clock.stop()
@@ -286,8 +284,7 @@ def finish(run: Run, write_outputs: bool) -> Result:
     report = summary(run, evaluation, time.perf_counter() - run.started)
     writer.close()
     result = Result({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, report, run.model)
-    if write_outputs and writer.active:
-        write_final(writer.out, result.model_payload(cfg), report)
+    writer.final(result.model_payload(cfg), report)
     writer.finish_tracking(report, result.model_payload(cfg))
     writer.log(done_line(report))
     return result

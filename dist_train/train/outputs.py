@@ -208,6 +208,11 @@ class RunWriter:
             self._board.close()
             self._board = None
 
+    def final(self, model_payload: dict, summary: dict) -> None:
+        """model.pt and summary.json (rank 0, while this run owns --out)."""
+        if self.active and self._owns_out():
+            write_final(self.out, model_payload, summary)
+
     def checkpoint(self, step: int, state: dict, keep: int) -> None:
         if self.active and self._owns_out():
             if self.tracker is not None:
@@ -216,7 +221,7 @@ class RunWriter:
 
 
 def write_final(out_dir: str | Path, model_payload: dict, summary: dict) -> None:
-    """model.pt and summary.json, atomically (the Spark driver calls this too)."""
+    """model.pt and summary.json, atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_save(out / "model.pt", model_payload)

@@ -23,6 +23,7 @@ launcher's modules are the only ones that import pyspark.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -37,7 +38,7 @@ from ...files import ATTEMPT_NAME, OutLock, check_unlocked, claim_attempt
 from ...train import Result, tracking, validate
 from ...train.checkpoint import load_bytes
 from ...train.summary import count, eval_text
-from ...train.outputs import prepare_out_dir, write_final
+from ...train.outputs import load_model_file, prepare_out_dir
 from ..args import job_parser
 from ..common import out_dir
 from . import feed, progress
@@ -301,7 +302,9 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
         else:  # rank 0 sends its records to the driver
             follower = progress.Listener(log, conf(spark, "spark.driver.host", ""))
             addresses = follower.addresses
-        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given, addresses, gpus)
+        store, store_at = _driver_store(spark)
+        task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given, addresses, gpus,
+                         store_at)
         log(f"[dist-train] spark: starting {world} barrier tasks (attempt {attempt})")
         try:
             with _stop_requests(out):
@@ -317,11 +320,28 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
         finally:
             if follower is not None:
                 follower.stop()
+            del store  # the attempt's store closes with it: a retry's ranks meet in a new one
     stopped = [row["payload"].decode() for row in chunks if row["chunk"] == STOPPED_CHUNK]
     if stopped:
         raise TrainingFailed(f"[rank 0] Preempted: {stopped[0]}")
-    payload = b"".join(row["payload"] for row in sorted(chunks, key=lambda row: row["chunk"]))
-    return _result(cfg, source, load_bytes(payload), out, world, log, given.get("model"))
+    if out is not None:  # rank 0 wrote model.pt and summary.json there, as under every launcher
+        payload = _written(out)
+    else:
+        payload = load_bytes(b"".join(row["payload"] for row in sorted(chunks, key=lambda row: row["chunk"])))
+    return _result(cfg, source, payload, out, world, log, given.get("model"))
+
+
+def _driver_store(spark):
+    """Under a local master (a classic session: every task runs on this host), a store on
+    this host's loopback that the attempt's ranks join, so they meet without allGather,
+    which Spark answers up to a second after the last task asks. (store, (host, port)),
+    or (None, None) elsewhere: there rank 0 opens one and allGather shares its port."""
+    if classic_context(spark) is None or not conf(spark, "spark.master", "").startswith("local"):
+        return None, None
+    from ...comm import torchdist
+
+    store, port = torchdist.listen("127.0.0.1")
+    return store, ("127.0.0.1", port)
 
 
 @contextlib.contextmanager
@@ -352,11 +372,18 @@ def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given
     model.load_state_dict(payload["model"]["state_dict"])
     result = Result(payload["model"]["state_dict"], payload["summary"], model)
     if out is not None:
-        write_final(out, payload["model"], payload["summary"])
         (out / ATTEMPT_NAME).unlink(missing_ok=True)
     log(f"[dist-train] spark: done: {count(result.summary['steps'], 'step')} on {count(world, 'worker')}, "
         f"{eval_text(result.summary['eval'])}" + (f", outputs in {out}" if out else ""))
     return result
+
+
+def _written(out: Path) -> dict:
+    """The model.pt and summary.json rank 0 wrote into --out."""
+    if not ((out / "model.pt").is_file() and (out / "summary.json").is_file()):
+        raise UserError(f"rank 0 wrote model.pt and summary.json into --out {out} on its executor, and this driver "
+                        f"does not find them there: --out must be a path the driver and every executor share")
+    return {"model": load_model_file(out / "model.pt"), "summary": json.loads((out / "summary.json").read_text())}
 
 
 def task_error(e: BaseException) -> str:

@@ -1,10 +1,11 @@
 """The barrier task: where am I (the Spark task's environment, its rendezvous), this
 task's shard (feed.spool_shard), then the same `fit` as every launcher.
 
-Rank 0 opens a TCPStore on its executor's address; allGather shares the port. The
-allGather runs in a thread from the task's first moment: Spark answers a barrier call
-about a second after the last task arrives, and the task spends that second assembling
-its shard.
+Under a local master every rank joins a TCPStore the driver opened on its loopback for
+the attempt. Elsewhere rank 0 opens one on its executor's address and allGather shares
+the port; the allGather runs in a thread from the task's first moment: Spark answers a
+barrier call up to a second after the last task arrives, and the task spends that time
+assembling its shard.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ WATCHDOG_GRACE_S = 10.0  # after the watchdog named a stalled peer, the task's o
 
 RESULT_SCHEMA = "chunk int, payload binary"
 STOPPED_CHUNK = -1  # rank 0's row when the job stopped on a request (preempt.py): the payload is its line
-RESULT_CHUNK = 32 << 20  # rank 0's model and summary travel in pieces (spark.driver.maxResultSize bounds a collect)
+RESULT_CHUNK = 32 << 20  # without --out, rank 0's model and summary travel in pieces (spark.driver.maxResultSize
+# bounds a collect); with one, rank 0 writes model.pt and summary.json there, as under every launcher (the wide
+# MLP's 80 MB took ~3.7 s through torch.save, Arrow, the JVM and collect())
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,13 @@ class Gpus:
 
 
 class TrainTask:
-    """mapInArrow's function of the barrier stage: yields rank 0's model and summary, in chunks."""
+    """mapInArrow's function of the barrier stage: without --out, rank 0 yields its model and
+    summary in chunks; with one, it writes model.pt and summary.json there and yields nothing."""
 
     def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int,
-                 given: dict | None = None, progress_to=None, gpus: Gpus = Gpus()):
+                 given: dict | None = None, progress_to=None, gpus: Gpus = Gpus(), store_at=None):
         self.cfg, self.world, self.out, self.resume, self.attempt = cfg, world, out, resume, attempt
+        self.store_at = store_at  # (host, port) of the store the driver opened for this attempt, or None
         self.source = replace(source, df=None, dataset=None)  # what a task needs to know of it, not the rows
         self.given = given or {}  # the notebook's model, data and loss objects (pickled with the task)
         self.progress_to = progress_to  # the driver's progress port (no --out), as (host, port) candidates
@@ -76,14 +81,14 @@ class TrainTask:
             raise RuntimeError(_report(e, rank)) from None
         finally:
             failures.reset()  # no deferred exit may outlive this task into the next
-        if rank == 0:
+        if rank == 0 and self.out is None:  # (with --out, which the driver shares, rank 0 wrote the model there)
             blob = to_bytes({"model": result.model_payload(self.cfg), "summary": result.summary})
             for i, at in enumerate(range(0, len(blob), RESULT_CHUNK)):
                 yield pa.record_batch({"chunk": pa.array([i], pa.int32()),
                                        "payload": pa.array([blob[at:at + RESULT_CHUNK]], pa.binary())})
 
     def _train(self, ctx, rank, batches):
-        rendezvous = Rendezvous(ctx, rank, self.world)
+        rendezvous = Rendezvous(ctx, rank, self.world, self.store_at)
         shard = self._shard(rank, batches)
         env, store = rendezvous.finish()
         choice = self._device(ctx, env)
@@ -95,7 +100,7 @@ class TrainTask:
         try:
             with failures.leaving(comm):
                 return fit(self.cfg, comm, shard, out_dir=self.out, resume=self.resume, launcher="spark",
-                           device=choice, threads=threads, write_outputs=False, fence=attempt_fence(self.out, self.attempt),
+                           device=choice, threads=threads, fence=attempt_fence(self.out, self.attempt),
                            quiet=True,  # the driver shows the progress (metrics.jsonl, or what rank 0 sends)
                            model=self.given.get("model"), loss=self.given.get("loss"), on_record=sender,
                            job_started=self.job_started)
@@ -155,17 +160,22 @@ def _is_peer_loss(e: BaseException) -> bool:
 
 class Rendezvous:
     """The Spark barrier task's environment: rank and world from the stage, every task's
-    host from getTaskInfos, rank 0's store address from allGather."""
+    host from getTaskInfos, and the store every rank joins: the one the driver opened
+    (`store_at`: under a local master, where every task runs on the driver's host), else
+    rank 0's, its port shared by allGather (which Spark answers up to a second after the
+    last task asks: 0.7 s of a short job's wall time here)."""
 
-    def __init__(self, ctx, rank: int, world: int):
+    def __init__(self, ctx, rank: int, world: int, store_at=None):
         from ...comm import torchdist
 
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.store_at = rank, world, store_at
         self.hosts = tuple(info.address.rsplit(":", 1)[0] for info in ctx.getTaskInfos())
         if len(self.hosts) != world:  # every rank would wait for ranks that never come
             raise RuntimeError(f"the barrier stage has {len(self.hosts)} tasks, spark.workers is {world}")
+        self.gathered, self.error, self.store, self.thread = None, None, None, None
+        if store_at is not None:
+            return
         self.store, port = torchdist.listen(self.hosts[0]) if rank == 0 else (None, 0)
-        self.gathered, self.error = None, None
         self.thread = threading.Thread(target=self._gather, args=(ctx, str(port)), daemon=True,
                                        name="dist-train-rendezvous")
         self.thread.start()
@@ -177,11 +187,15 @@ class Rendezvous:
             self.error = e
 
     def finish(self) -> tuple[Environment, object]:
+        mine = self.hosts[self.rank]
+        local = [r for r, h in enumerate(self.hosts) if h == mine]
+        if self.store_at is not None:
+            env = Environment("spark", self.rank, self.world, local.index(self.rank), len(local), self.store_at[0],
+                              self.store_at[1], self.hosts, mine, store_running=True)
+            return env, None
         self.thread.join()
         if self.error is not None:
             raise self.error
-        mine = self.hosts[self.rank]
-        local = [r for r, h in enumerate(self.hosts) if h == mine]
         env = Environment("spark", self.rank, self.world, local.index(self.rank), len(local), self.hosts[0],
                           int(self.gathered[0]), self.hosts, mine)
         return env, self.store
