@@ -20,14 +20,14 @@ from .. import config, failures, models, preempt
 from ..errors import Preempted, UserError
 from ..comm import gpu
 from ..data import sharding
-from ..device import Choice, for_worker
+from ..device import Choice, for_worker, keep_heap
 from . import checkpoint, losses, metrics, schedule
 from .agree import agree_at_start, check_parameters
 from .clock import Clock, job_start
 from .evaluate import evaluate
 from .gradsync import FusedGrads, broadcast_parameters, settle_buffers
 from .optim import make_optimizer
-from .outputs import RunWriter, write_final
+from .outputs import RunWriter
 from .scaler import LossScale
 from .state import Position, checkpoint_state, restore, resumable, well_formed
 from .step import Step
@@ -122,6 +122,7 @@ def setup(cfg, comm, data, *, out_dir, resume, launcher, choice: Choice, threads
     started = time.perf_counter()
     failures.PROGRESS.step, failures.PROGRESS.finished, failures.PROGRESS.started = 0, False, True
     config.check_world(cfg, comm.world_size)
+    keep_heap()  # the steps' memory reused, not faulted in afresh, under every launcher
     device = choice.device
     if device.type == "cuda":
         torch.cuda.set_device(device)  # kernels, pinned memory and NCCL on this worker's GPU
