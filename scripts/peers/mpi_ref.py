@@ -5,6 +5,9 @@
     --mode fused       flatten the grads, one Allreduce, divide, copy back (the best peer)
     --mode per_tensor  one Allreduce per gradient tensor
     --mode nosync      no exchange at all: the ceiling for data parallelism on these cores
+    --mode barrier     no exchange, but the ranks meet at an MPI Barrier after each backward, as
+                       any synchronous exchange makes them: the cost of meeting alone (each step
+                       waits for the slower rank's), the floor under any exchange's
     --mode bare        time one Allreduce of the model's gradient bytes (ms, median): in a
                        loop ("loop_ms"), then in the fused loop between training steps, after
                        a Barrier so not waiting for the other rank ("step_ms")
@@ -29,7 +32,7 @@ from dist_train import config, data, models
 
 p = argparse.ArgumentParser()
 p.add_argument("config")
-p.add_argument("--mode", default="fused", choices=["fused", "per_tensor", "nosync", "bare"])
+p.add_argument("--mode", default="fused", choices=["fused", "per_tensor", "nosync", "barrier", "bare"])
 p.add_argument("--steps", type=int, default=100)
 p.add_argument("--warmup", type=int, default=5)
 a = p.parse_args()
@@ -82,6 +85,8 @@ for step in range(a.steps + a.warmup):
         for q in params:
             q.grad.copy_(flat[off:off + q.numel()].view_as(q))
             off += q.numel()
+    elif a.mode == "barrier":
+        comm.Barrier()
     elif a.mode == "per_tensor":
         for q in params:
             comm.Allreduce(MPI.IN_PLACE, q.grad)
