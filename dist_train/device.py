@@ -55,7 +55,8 @@ def keep_heap() -> None:
     from what the process freed before: a Spark task's Python worker (forked from Spark's
     daemon) mapped each of LeNet's ~1 MB activations afresh and took 10-90k page faults a
     second (~1-2 ms of its 10 ms step), where MPI ranks (UCX's allocator), local mode and
-    torchrun took none. No-op without glibc."""
+    torchrun took none. It holds for the whole process (a notebook's, where fit runs in
+    it) and is not undone. No-op without glibc."""
     try:
         import ctypes
 

@@ -46,8 +46,7 @@ def main(configs: list[str]) -> None:
             for seed in (0, 1, 2):
                 cfg = config.load(path, [f"seed={seed}"])
                 ds = data.load(cfg)
-                result = fit(cfg, LocalComm(), data.WorkerData.whole(ds, ds.classes),
-                             write_outputs=False, quiet=True)
+                result = fit(cfg, LocalComm(), data.WorkerData.whole(ds, ds.classes), quiet=True)
                 accuracies.append(result.summary["eval"]["accuracy"])
             print(f"{path}  gradients {str(dtype or 'float32').replace('torch.', ''):9}  held-out accuracy "
                   f"{' '.join(f'{a:.4f}' for a in accuracies)}  mean {statistics.mean(accuracies):.4f}", flush=True)

@@ -1,6 +1,7 @@
 """Local mode end to end: built-in configs learn, resume is exact, writes are atomic."""
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -273,7 +274,7 @@ print(held, faults())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_a_training_process_keeps_its_heap_instead_of_faulting_each_steps_memory_in():
     """Where glibc maps each ~1 MB allocation afresh (as it did in Spark's Python workers),
     every one costs its 256 pages' faults; after keep_heap the next step reuses them."""

@@ -423,12 +423,20 @@ def test_without_out_the_driver_still_shows_the_progress_as_it_comes(spark):
     assert any("epoch 1 done" in x for x in lines)
 
 
-def test_the_model_reaches_the_driver_alike_through_the_shared_out_and_without_one(spark, tmp_path):
-    """With --out rank 0 writes model.pt and summary.json there itself (the driver reads them
-    back for the Result); without one the model travels through Spark to the driver."""
-    sets = ["train.epochs=1", "model.hidden=[16]", "train.log_every=0", "spark.workers=2"]
+def test_the_model_reaches_the_driver_alike_through_the_shared_out_and_without_one(spark, tmp_path, monkeypatch):
+    """With --out rank 0 writes model.pt and summary.json there itself and sends the summary
+    alone (the driver reads the model back for the Result); without one the model travels
+    through Spark to the driver."""
+    from dist_train.launchers.spark import driver
+
+    received, load_bytes = [], driver.load_bytes
+    monkeypatch.setattr(driver, "load_bytes", lambda blob: received.append(len(blob)) or load_bytes(blob))
+    sets = ["train.epochs=1", "model.hidden=[512]", "train.log_every=0", "spark.workers=2"]  # a 150 kB model
     written = L.train(spark, ROOT / "conf/digits.yaml", sets=sets, out_dir=tmp_path / "o", log=lambda line: None)
+    assert received and max(received) < 20_000  # the summary
+    received.clear()
     sent = L.train(spark, ROOT / "conf/digits.yaml", sets=sets, log=lambda line: None)
+    assert max(received) > 100_000
     on_disk = torch.load(tmp_path / "o" / "model.pt", weights_only=True)["state_dict"]
     assert on_disk.keys() == written.state_dict.keys() == sent.state_dict.keys()
     for k in on_disk:
@@ -439,11 +447,20 @@ def test_the_model_reaches_the_driver_alike_through_the_shared_out_and_without_o
 
 
 def test_a_driver_that_does_not_find_what_rank_0_wrote_says_out_must_be_shared(tmp_path):
+    """Nothing there, or another run's files (its summary is not the one rank 0 sent)."""
     from dist_train.errors import UserError
-    from dist_train.launchers.spark import driver
+    from dist_train.launchers.spark import driver, task
+    from dist_train.train.checkpoint import to_bytes
+    from dist_train.train.outputs import write_final
 
+    sent = [{"chunk": task.WRITTEN_CHUNK, "payload": to_bytes({"steps": 7, "wall": 1.5})}]
     with pytest.raises(UserError, match="--out must be a path the driver and every executor share"):
-        driver._written(tmp_path)
+        driver._written(tmp_path, sent)
+    write_final(tmp_path, {"state_dict": {}}, {"steps": 7, "wall": 2.5})  # an earlier run's
+    with pytest.raises(UserError, match="--out must be a path the driver and every executor share"):
+        driver._written(tmp_path, sent)
+    write_final(tmp_path, {"state_dict": {}}, {"steps": 7, "wall": 1.5})
+    assert driver._written(tmp_path, sent)["summary"] == {"steps": 7, "wall": 1.5}
 
 
 def test_under_a_local_master_the_tasks_meet_in_a_store_the_driver_opens(spark):
@@ -462,11 +479,11 @@ def test_under_a_local_master_the_tasks_meet_in_a_store_the_driver_opens(spark):
     joined.set("rank 1", "here")
     assert store.get("rank 1") == b"here"
 
-    class Conf(dict):
-        def get(self, key, default=None):
-            return super().get(key, default)
+    class Classic:  # a classic session (a SparkContext) on another master
+        def __init__(self, master):
+            self.conf, self.sparkContext = {"spark.master": master}, object()
 
-    class Cluster:  # a classic session on a cluster's master: the tasks may run on other hosts
-        conf, sparkContext = Conf({"spark.master": "spark://head:7077"}), None
-
-    assert driver._driver_store(Cluster()) == (None, None)
+    assert driver._driver_store(Classic("spark://head:7077")) == (None, None)  # tasks on other hosts
+    assert driver._driver_store(Classic("yarn")) == (None, None)
+    store, at = driver._driver_store(Classic("local-cluster[2,1,1024]"))  # executors on the driver's host
+    assert at[0] == "127.0.0.1" and store is not None

@@ -1,6 +1,7 @@
 """torch.distributed from (address, port, rank, world), for any launcher: rank 0 holds a
-TCPStore at the address, the others connect to it, and all join one process group
-(gloo on the CPU). The store stays open while the group lives.
+TCPStore at the address (or the launcher does: torchrun's agent, the Spark driver under a
+local master), the others connect to it, and all join one process group (gloo on the
+CPU). The store stays open while the group lives.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class TorchDistComm(Communicator):
 
 
 def listen(address: str) -> tuple[dist.TCPStore, int]:
-    """Rank 0's store on `address`, on a free port (bound before it is shared: no race)."""
+    """A store on `address` (rank 0's, or a launcher's that the ranks join), on a free port
+    (bound before it is shared: no race)."""
     sock = socket.create_server((address, 0), backlog=128)
     store = dist.TCPStore(address, sock.getsockname()[1], is_master=True, wait_for_workers=False,
                           master_listen_fd=sock.detach())

@@ -86,8 +86,8 @@ class Run:
 
 
 def fit(cfg, comm, data, *, out_dir=None, resume: bool = False, launcher: str = "local", local_rank: int = 0,
-        local_size: int = 1, device: Choice | None = None, threads: int | None = None, fence=None, quiet: bool = False, model=None, loss=None, on_record=None,
-        job_started: float | None = None) -> Result:
+        local_size: int = 1, device: Choice | None = None, threads: int | None = None, fence=None,
+        quiet: bool = False, model=None, loss=None, on_record=None, job_started: float | None = None) -> Result:
     """Train `cfg` on this worker's `data` (a data.WorkerData, or data.Items) with peers
     reachable through `comm`.
 

@@ -225,7 +225,12 @@ def write_final(out_dir: str | Path, model_payload: dict, summary: dict) -> None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_save(out / "model.pt", model_payload)
-    atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(out / "summary.json", summary_text(summary).encode())
+
+
+def summary_text(summary: dict) -> str:
+    """summary.json's text."""
+    return json.dumps(summary, indent=2) + "\n"
 
 
 def load_model_file(path: str | Path) -> dict:

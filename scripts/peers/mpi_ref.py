@@ -7,7 +7,7 @@
     --mode nosync      no exchange at all: the ceiling for data parallelism on these cores
     --mode barrier     no exchange, but the ranks meet at an MPI Barrier after each backward, as
                        any synchronous exchange makes them: the cost of meeting alone (each step
-                       waits for the slower rank's), the floor under any exchange's
+                       waits for the slower rank), which any exchange pays on top of its own
     --mode bare        time one Allreduce of the model's gradient bytes (ms, median): in a
                        loop ("loop_ms"), then in the fused loop between training steps, after
                        a Barrier so not waiting for the other rank ("step_ms")

@@ -23,7 +23,6 @@ launcher's modules are the only ones that import pyspark.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -38,12 +37,12 @@ from ...files import ATTEMPT_NAME, OutLock, check_unlocked, claim_attempt
 from ...train import Result, tracking, validate
 from ...train.checkpoint import load_bytes
 from ...train.summary import count, eval_text
-from ...train.outputs import load_model_file, prepare_out_dir
+from ...train.outputs import load_model_file, prepare_out_dir, summary_text
 from ..args import job_parser
 from ..common import out_dir
 from . import feed, progress
 from .session import session
-from .task import RESULT_SCHEMA, STOPPED_CHUNK, Gpus, TrainTask
+from .task import RESULT_SCHEMA, STOPPED_CHUNK, WRITTEN_CHUNK, Gpus, TrainTask
 
 
 class TrainingFailed(RuntimeError):
@@ -297,12 +296,12 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
     for attempt in range(1, cfg.spark.max_attempts + 1):
         if out is not None:
             claim_attempt(out, attempt)  # fences off older attempts
+        store, store_at = _driver_store(spark)
         if out is not None:  # rank 0 writes metrics.jsonl where the driver can read it
             follower, addresses = progress.FileFollower(out / "metrics.jsonl", log), None
         else:  # rank 0 sends its records to the driver
             follower = progress.Listener(log, conf(spark, "spark.driver.host", ""))
             addresses = follower.addresses
-        store, store_at = _driver_store(spark)
         task = TrainTask(cfg, world, source, str(out) if out else None, resume, attempt, given, addresses, gpus,
                          store_at)
         log(f"[dist-train] spark: starting {world} barrier tasks (attempt {attempt})")
@@ -325,7 +324,7 @@ def _run_attempts(spark, cfg, source: feed.Source, out: Path | None, resume: boo
     if stopped:
         raise TrainingFailed(f"[rank 0] Preempted: {stopped[0]}")
     if out is not None:  # rank 0 wrote model.pt and summary.json there, as under every launcher
-        payload = _written(out)
+        payload = _written(out, chunks)
     else:
         payload = load_bytes(b"".join(row["payload"] for row in sorted(chunks, key=lambda row: row["chunk"])))
     return _result(cfg, source, payload, out, world, log, given.get("model"))
@@ -378,12 +377,15 @@ def _result(cfg, source, payload: dict, out: Path | None, world: int, log, given
     return result
 
 
-def _written(out: Path) -> dict:
-    """The model.pt and summary.json rank 0 wrote into --out."""
-    if not ((out / "model.pt").is_file() and (out / "summary.json").is_file()):
+def _written(out: Path, chunks) -> dict:
+    """The model.pt rank 0 wrote into --out, with the summary it sent: the summary.json
+    beside it (written after it) must be that one, or these files are another run's."""
+    sent = [load_bytes(row["payload"]) for row in chunks if row["chunk"] == WRITTEN_CHUNK]
+    found = out / "summary.json"
+    if not (sent and found.is_file() and found.read_text() == summary_text(sent[0]) and (out / "model.pt").is_file()):
         raise UserError(f"rank 0 wrote model.pt and summary.json into --out {out} on its executor, and this driver "
                         f"does not find them there: --out must be a path the driver and every executor share")
-    return {"model": load_model_file(out / "model.pt"), "summary": json.loads((out / "summary.json").read_text())}
+    return {"model": load_model_file(out / "model.pt"), "summary": sent[0]}
 
 
 def task_error(e: BaseException) -> str:

@@ -31,9 +31,11 @@ WATCHDOG_GRACE_S = 10.0  # after the watchdog named a stalled peer, the task's o
 
 RESULT_SCHEMA = "chunk int, payload binary"
 STOPPED_CHUNK = -1  # rank 0's row when the job stopped on a request (preempt.py): the payload is its line
-RESULT_CHUNK = 32 << 20  # without --out, rank 0's model and summary travel in pieces (spark.driver.maxResultSize
-# bounds a collect); with one, rank 0 writes model.pt and summary.json there, as under every launcher (the wide
-# MLP's 80 MB took ~3.7 s through torch.save, Arrow, the JVM and collect())
+WRITTEN_CHUNK = -2  # rank 0's row when it wrote model.pt and summary.json into --out: the payload is the summary
+# Without --out, rank 0's model and summary travel in pieces (spark.driver.maxResultSize bounds a collect); with
+# one, rank 0 writes them there, as under every launcher (the wide MLP's 80 MB took ~3.7 s through torch.save,
+# Arrow, the JVM and collect()), and sends the summary alone.
+RESULT_CHUNK = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class Gpus:
 
 class TrainTask:
     """mapInArrow's function of the barrier stage: without --out, rank 0 yields its model and
-    summary in chunks; with one, it writes model.pt and summary.json there and yields nothing."""
+    summary in chunks; with one, it writes model.pt and summary.json there and yields the
+    summary alone (a stopped job: rank 0's line)."""
 
     def __init__(self, cfg, world: int, source: feed.Source, out: str | None, resume: bool, attempt: int,
                  given: dict | None = None, progress_to=None, gpus: Gpus = Gpus(), store_at=None):
@@ -81,7 +84,10 @@ class TrainTask:
             raise RuntimeError(_report(e, rank)) from None
         finally:
             failures.reset()  # no deferred exit may outlive this task into the next
-        if rank == 0 and self.out is None:  # (with --out, which the driver shares, rank 0 wrote the model there)
+        if rank == 0 and self.out is not None:  # model.pt is in --out, which the driver shares
+            yield pa.record_batch({"chunk": pa.array([WRITTEN_CHUNK], pa.int32()),
+                                   "payload": pa.array([to_bytes(result.summary)], pa.binary())})
+        elif rank == 0:
             blob = to_bytes({"model": result.model_payload(self.cfg), "summary": result.summary})
             for i, at in enumerate(range(0, len(blob), RESULT_CHUNK)):
                 yield pa.record_batch({"chunk": pa.array([i], pa.int32()),
