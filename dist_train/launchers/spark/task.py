@@ -193,15 +193,15 @@ class Rendezvous:
             self.error = e
 
     def finish(self) -> tuple[Environment, object]:
+        if self.store_at is not None:  # the driver's: every rank joins it
+            (address, port), running = self.store_at, True
+        else:
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+            address, port, running = self.hosts[0], int(self.gathered[0]), False
         mine = self.hosts[self.rank]
         local = [r for r, h in enumerate(self.hosts) if h == mine]
-        if self.store_at is not None:
-            env = Environment("spark", self.rank, self.world, local.index(self.rank), len(local), self.store_at[0],
-                              self.store_at[1], self.hosts, mine, store_running=True)
-            return env, None
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        env = Environment("spark", self.rank, self.world, local.index(self.rank), len(local), self.hosts[0],
-                          int(self.gathered[0]), self.hosts, mine)
+        env = Environment("spark", self.rank, self.world, local.index(self.rank), len(local), address, port,
+                          self.hosts, mine, store_running=running)
         return env, self.store
